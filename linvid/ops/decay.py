@@ -18,18 +18,13 @@ def sum_after(log_decay: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _strict_prefix_sums(log_decay, dim, reverse):
-    dim = dim % log_decay.ndim
-    length = log_decay.shape[dim]
-    if dim == log_decay.ndim - 2 and log_decay.device.type == "cpu":
-        # On CPU a 0/1 triangular matmul is several times faster than cumsum (and needs no flip
-        # for the reverse direction); it still adds exactly the spanned terms. Not on GPUs,
-        # where float32 matmuls may run in TF32 and would round the exponents.
-        ones = torch.ones(length, length, dtype=log_decay.dtype, device=log_decay.device)
-        triangle = ones.triu(1) if reverse else ones.tril(-1)
-        return triangle @ log_decay
+    # A cumulative sum, not a 0/1 triangular matmul: the matmul would turn a -inf decay (a full
+    # reset, what -exp(logits) gives on overflow) into 0 * -inf = nan, and float32 matmuls may
+    # run in TF32 or bf16 (torch.set_float32_matmul_precision) and round the exponents.
     if reverse:
         return _strict_prefix_sums(log_decay.flip(dim), dim, reverse=False).flip(dim)
-    shifted = log_decay.narrow(dim, 0, length - 1)
+    dim = dim % log_decay.ndim
+    shifted = log_decay.narrow(dim, 0, log_decay.shape[dim] - 1)
     padding = [0, 0] * (log_decay.ndim - 1 - dim) + [1, 0]
     return torch.nn.functional.pad(shifted, padding).cumsum(dim)
 

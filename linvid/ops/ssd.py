@@ -47,9 +47,10 @@ def _check_ssd_inputs(x, dt, A, B, C, D, state, *, has_time: bool):
     if D is not None:
         check_tensor("D", D, 1, "(H,)")
         check_shape("D", D, (heads,), "(H,) of x")
-    if state is not None:
-        check_tensor("state", state, 4, "(B, H, P, N)")
-        check_shape("state", state, (batch, heads, x.shape[-1], state_dim), "(B, H, P, N)")
+    state_name = "initial_state" if has_time else "state"
+    if state is not None or not has_time:
+        check_tensor(state_name, state, 4, "(B, H, P, N)")
+        check_shape(state_name, state, (batch, heads, x.shape[-1], state_dim), "(B, H, P, N)")
     if bool((A > 0).any()):
         raise ValueError(
             f"A must be <= 0 (a decay rate, A = -exp(A_log)), got max {A.max().item():.4g}"
@@ -115,14 +116,16 @@ def _initial_state(initial_state, x, B):
     return torch.zeros(batch, heads, head_dim, B.shape[-1], device=x.device, dtype=torch.float32)
 
 
-def ssd_chunk(x, dt, A, B, C, *, D=None, initial_state=None, chunk_size: int = DEFAULT_CHUNK_SIZE):
+def ssd_chunk(x, dt, A, B, C, *, D=None, initial_state=None, chunk_size: int | None = None):
     """Chunked Mamba-2 SSD for training and prefill (any T), differentiable by autograd.
 
     x: (B, T, H, P); dt: (B, T, H) positive; A: (H,) negative; B, C: (B, T, G, N), head h
-    reads group h // (H // G); D: (H,) or None; initial_state: (B, H, P, N) or None.
+    reads group h // (H // G); D: (H,) or None; initial_state: (B, H, P, N) or None;
+    chunk_size: tokens per chunk (default 64).
     Returns (y (B, T, H, P) in x's dtype, final_state (B, H, P, N) float32).
     """
     _check_ssd_inputs(x, dt, A, B, C, D, initial_state, has_time=True)
+    chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
     check_positive_int("chunk_size", chunk_size)
     batch, length, heads, head_dim = x.shape
     groups, state_dim = B.shape[2], B.shape[3]

@@ -28,15 +28,16 @@ from __future__ import annotations
 
 import torch
 
-from linvid.ops.decay import sum_after, sum_before
 from linvid.ops.validation import check_positive_int, check_shape, check_tensor
 
 DEFAULT_CHUNK_SIZE = 64
-# Chunks processed together in one batched pass; bounds peak memory for very long sequences.
-CHUNKS_PER_SEGMENT = 64
+# Tokens processed together in one batched pass; bounds peak memory for very long sequences.
+SEGMENT_TOKENS = 8192
 
 
-def _check_wkv6_inputs(r, k, v, w, u, initial_state, *, has_time: bool):
+def _check_wkv6_inputs(r, k, v, w, u, state, *, has_time: bool):
+    """Validate the inputs of every form; `state` is `initial_state` (optional) of the sequence
+    forms and the required `state` of the step."""
     layout = "(B, T, H, K)" if has_time else "(B, H, K)"
     ndim = 4 if has_time else 3
     check_tensor("r", r, ndim, layout)
@@ -51,11 +52,12 @@ def _check_wkv6_inputs(r, k, v, w, u, initial_state, *, has_time: bool):
     batch, heads, key_dim = r.shape[0], r.shape[-2], r.shape[-1]
     check_tensor("u", u, 2, "(H, K)")
     check_shape("u", u, (heads, key_dim), "(H, K)")
-    if initial_state is not None:
-        check_tensor("initial_state", initial_state, 4, "(B, H, K, V)")
+    state_name = "initial_state" if has_time else "state"
+    if state is not None or not has_time:
+        check_tensor(state_name, state, 4, "(B, H, K, V)")
         expected = (batch, heads, key_dim, v.shape[-1])
-        check_shape("initial_state", initial_state, expected, "(B, H, K, V)")
-    if bool((w > 0).any()):
+        check_shape(state_name, state, expected, "(B, H, K, V)")
+    if w.numel() and w.amax() > 0:
         raise ValueError(
             f"w is the log decay and must be <= 0 everywhere, got max {w.max().item():.4g} "
             "(pass w = -exp(decay_logits), not the decay itself)"
@@ -115,12 +117,13 @@ def wkv6_chunk(
     (and beyond: every exponent taken is <= 0), differentiable by ordinary autograd.
 
     r, k, w: (B, T, H, K); v: (B, T, H, V); u: (H, K); initial_state: (B, H, K, V) or None.
-    chunk_size: tokens per chunk (default 64); any size works, powers of two are fastest.
+    chunk_size: tokens per chunk (default 64), rounded up to a power of two.
     Returns (o (B, T, H, V) in v's dtype, final_state (B, H, K, V) float32).
     """
     _check_wkv6_inputs(r, k, v, w, u, initial_state, has_time=True)
     chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
     check_positive_int("chunk_size", chunk_size)
+    chunk_size = 1 << (chunk_size - 1).bit_length()  # the halving inside chunks needs 2^n
     batch, length, heads, key_dim = r.shape
     value_dim = v.shape[-1]
     state = _initial_state(initial_state, batch, heads, key_dim, value_dim, r.device)
@@ -129,83 +132,88 @@ def wkv6_chunk(
 
     # scale multiplies r (DESIGN.md), and o is linear in r.
     r32 = r.float() * scale if scale != 1.0 else r.float()
-    bonus = (r32 * u.float() * k.float()).sum(-1, keepdim=True) * v.float()  # r @ (u*k)^T v
 
-    # (B, T, H, D) -> (B, H, T, D) float32; pad T to whole chunks with tokens that change
-    # nothing: k = v = 0 adds no state, w = 0 leaves it undecayed.
+    # (B, T, H, D) -> chunk-major (N, B, H, C, D) float32, so that a run of chunks is one
+    # contiguous block; pad T to whole chunks with tokens that change nothing: k = v = 0 adds
+    # no state, w = 0 leaves it undecayed.
     padding = (-length) % chunk_size
-    r32, k32, v32, w32 = (
-        torch.nn.functional.pad(tensor.float().transpose(1, 2), (0, 0, 0, padding))
-        for tensor in (r32, k, v, w)
-    )
-    output = r32.new_empty(batch, heads, length + padding, value_dim)
-    segment = chunk_size * CHUNKS_PER_SEGMENT
-    for start in range(0, length + padding, segment):
-        part = slice(start, start + segment)
-        output[:, :, part], state = _wkv6_segment(
-            r32[:, :, part], k32[:, :, part], v32[:, :, part], w32[:, :, part], state, chunk_size
+    chunks = (length + padding) // chunk_size
+
+    def chunk_major(tensor):
+        padded = torch.nn.functional.pad(tensor.float(), (0, 0, 0, 0, 0, padding))
+        chunked = padded.reshape(batch, chunks, chunk_size, heads, tensor.shape[-1])
+        return chunked.permute(1, 0, 3, 2, 4).contiguous()
+
+    r32, k32, v32, w32 = (chunk_major(tensor) for tensor in (r32, k, v, w))
+    output = r32.new_empty(chunks, batch, heads, chunk_size, value_dim)
+    step = max(1, SEGMENT_TOKENS // chunk_size)
+    for start in range(0, chunks, step):
+        part = slice(start, start + step)
+        output[part], state = _wkv6_segment(
+            r32[part], k32[part], v32[part], w32[part], u.float(), state
         )
-    return (output[:, :, :length].transpose(1, 2) + bonus).to(v.dtype), state
+    output = output.permute(1, 0, 3, 2, 4).reshape(batch, chunks * chunk_size, heads, value_dim)
+    return output[:, :length].to(v.dtype), state
 
 
-def _wkv6_segment(r, k, v, w, state, chunk_size):
-    """WKV over whole chunks. r, k, w: (B, H, L, K); v: (B, H, L, V); L a multiple of
-    chunk_size; state (B, H, K, V). Returns (o without the bonus (B, H, L, V), final state)."""
-    batch, heads, length, key_dim = r.shape
-    value_dim = v.shape[-1]
-    chunks = length // chunk_size
-    r, k, w = (tensor.reshape(batch, heads, chunks, chunk_size, key_dim) for tensor in (r, k, w))
-    v = v.reshape(batch, heads, chunks, chunk_size, value_dim)
+def _wkv6_segment(r, k, v, w, u, state):
+    """WKV over consecutive whole chunks. r, k, w: (N, B, H, C, K); v: (N, B, H, C, V) with C a
+    power of two; u: (H, K); state (B, H, K, V) float32. Returns (o (N, B, H, C, V), state).
 
-    # Inter-chunk: o_t += (r_t * exp(b_{t-1})) @ S_start; the chunk adds
-    # sum_s (k_s * exp(b_last - b_s))^T v_s to the state, which decays by exp(b_last).
-    r_decayed = r * torch.exp(sum_before(w, dim=-2))
-    k_to_end = k * torch.exp(sum_after(w, dim=-2))
-    chunk_states = k_to_end.transpose(-1, -2) @ v  # (B, H, N, K, V)
-    chunk_decay = torch.exp(w.sum(dim=3)).unsqueeze(-1)  # (B, H, N, K, 1)
-    start_states = []
-    for index in range(chunks):
-        start_states.append(state)
-        state = chunk_decay[:, :, index] * state + chunk_states[:, :, index]
-    output = r_decayed @ torch.stack(start_states, dim=2)
-
-    output = output + _intra_chunk(r, k, v, w)
-    return output.reshape(batch, heads, length, value_dim), state
-
-
-def _intra_chunk(r, k, v, w):
-    """sum_{s < t in the same chunk} (sum_k r_t k_s exp(b_{t-1} - b_s)) v_s, for every t.
-
-    r, k, w: (B, H, N, C, K); v: (B, H, N, C, V). Returns (B, H, N, C, V).
-
-    Divide and conquer: at each level the chunk is cut into blocks of 2h tokens; every pair with
-    s in a block's left half and t in its right half is split at the last token of the left
-    half, so exp(b_{t-1} - b_s) = exp(w summed over the right half before t) * exp(w summed
-    over the left half after s): a row factor times a column factor, both <= 1, and the pairs
-    of the level become one batched matmul. Levels h = 1, 2, 4, ... cover every pair once.
+    Inside a chunk, divide and conquer: at level h the chunk is cut into blocks of 2h tokens,
+    and every pair with s in a block's left half and t in its right half is split at the left
+    half's last token: exp(b_{t-1} - b_s) = exp(w summed over the right half before t) *
+    exp(w summed over the left half after s), a row factor times a column factor, both <= 1,
+    so the level's pairs are one batched matmul. Levels h = 1, 2, 4, ... cover every pair once.
+    The factors are carried from level to level (`before`, `after`), multiplied by the decay
+    of the neighbouring half; after the last level they are the chunk-level factors that pass
+    the state between chunks.
     """
     *lead, chunk_size, key_dim = r.shape
     value_dim = v.shape[-1]
-    # Pad each chunk at its end to a power of two with tokens that read and write nothing.
-    size = 1 << (chunk_size - 1).bit_length()
-    if size != chunk_size:
-        padding = (0, 0, 0, size - chunk_size)
-        r, k, v, w = (torch.nn.functional.pad(tensor, padding) for tensor in (r, k, v, w))
-    output = torch.zeros(*lead, size, value_dim, dtype=v.dtype, device=v.device)
+    # The current token's own term, r_t @ (u * k_t)^T v_t, starts the sum.
+    output = (r * u[:, None, :] * k).sum(-1, keepdim=True) * v
+    in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in (r, k, v, w)))
+    before = torch.ones_like(r)  # exp(sum of w in t's current block before t)
+    after = torch.ones_like(r)  # exp(sum of w in s's current block after s)
+    block_log_decay = w  # (..., chunk_size / h, K): summed w of each current block
     half = 1
-    while half < size:
-        blocks = (*lead, size // (2 * half), 2, half)
-        r_right = r.reshape(*blocks, key_dim)[..., 1, :, :]
-        k_left = k.reshape(*blocks, key_dim)[..., 0, :, :]
-        v_left = v.reshape(*blocks, value_dim)[..., 0, :, :]
-        if half == 1:  # no decay inside a one-token half: exp(b_{t-1} - b_{t-1}) = 1
+    while half < chunk_size:
+        blocks = (*lead, chunk_size // (2 * half), 2, half)
+        r_right = r.view(*blocks, key_dim)[..., 1, :, :]
+        k_left = k.view(*blocks, key_dim)[..., 0, :, :]
+        v_left = v.view(*blocks, value_dim)[..., 0, :, :]
+        if half == 1:  # one-token halves: the pair (t, t-1) has no decay between them
             transfer = (r_right * k_left).sum(-1, keepdim=True) * v_left
         else:
-            w_blocks = w.reshape(*blocks, key_dim)
-            rows = r_right * torch.exp(sum_before(w_blocks[..., 1, :, :], dim=-2))
-            columns = k_left * torch.exp(sum_after(w_blocks[..., 0, :, :], dim=-2))
+            rows = r_right * before.view(*blocks, key_dim)[..., 1, :, :]
+            columns = k_left * after.view(*blocks, key_dim)[..., 0, :, :]
             transfer = (rows @ columns.transpose(-1, -2)) @ v_left
-        # transfer lands on the right halves; the left halves receive nothing at this level.
+        # transfer lands on the right halves; left halves receive nothing at this level.
         output.view(*blocks, value_dim)[..., 1, :, :] += transfer
+        # Merge each pair of halves into one block of 2h: the right half's tokens now also
+        # have the whole left half before them, the left half's the whole right half after.
+        pair_decay = torch.exp(block_log_decay.view(*lead, -1, 2, 1, key_dim))
+        if in_place:
+            before.view(*blocks, key_dim)[..., 1, :, :] *= pair_decay[..., 0, :, :]
+            after.view(*blocks, key_dim)[..., 0, :, :] *= pair_decay[..., 1, :, :]
+        else:
+            ones = torch.ones_like(pair_decay[..., :1, :, :])
+            before = before.view(*blocks, key_dim) * torch.cat(
+                (ones, pair_decay[..., :1, :, :]), -3
+            )
+            after = after.view(*blocks, key_dim) * torch.cat((pair_decay[..., 1:, :, :], ones), -3)
+            before, after = before.view_as(r), after.view_as(r)
+        block_log_decay = block_log_decay.view(*lead, -1, 2, key_dim).sum(-2)
         half *= 2
-    return output[..., :chunk_size, :]
+
+    # Across chunks: o_t += (r_t * exp(b_{t-1})) @ S_start; the chunk adds
+    # sum_s (k_s * exp(b_last - b_s))^T v_s to the state, which decays by exp(b_last).
+    chunk_states = (k * after).transpose(-1, -2) @ v  # (N, B, H, K, V)
+    chunk_decay = torch.exp(block_log_decay).transpose(-1, -2)  # (N, B, H, K, 1)
+    start_states = []
+    for index in range(r.shape[0]):
+        start_states.append(state)
+        state = chunk_decay[index] * state + chunk_states[index]
+    output = output + (r * before) @ torch.stack(start_states)
+    return output, state
