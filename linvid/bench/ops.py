@@ -43,15 +43,22 @@ class Row:
     share_of_matmul_peak: float | None
 
 
-def median_seconds(function: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of `function()` over `repeats` calls after `warmup` untimed calls."""
-    for _ in range(warmup):
-        function()
+def median_seconds(
+    function: Callable[[], object], repeats: int, warmup: int = 1, slow_seconds: float = 2.0
+) -> float:
+    """Median wall time of `function()` over `repeats` calls after `warmup` untimed calls.
+
+    A call slower than `slow_seconds` is timed once (the per-token references at long T take
+    tens of seconds with backward; their first-call overhead is then negligible)."""
     times = []
-    for _ in range(repeats):
+    for call in range(warmup + repeats):
         start = time.perf_counter()
         function()
-        times.append(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        if call < warmup and elapsed > slow_seconds:
+            return elapsed
+        if call >= warmup:
+            times.append(elapsed)
     return statistics.median(times)
 
 

@@ -160,9 +160,11 @@ def ssd_chunk(x, dt, A, B, C, *, D=None, initial_state=None, chunk_size: int | N
     chunk_decay = torch.exp(log_decay.sum(-1))[..., None, None]  # (B, G, R, N, 1, 1)
     state = state.reshape(batch, groups, repeats, head_dim, state_dim)
     start_states = []
-    for index in range(chunks):
+    # unbind, not indexing: the backward of one index per chunk would write a full-size zero
+    # gradient per chunk, quadratic in the number of chunks.
+    for decay, update in zip(chunk_decay.unbind(3), chunk_states.unbind(3), strict=True):
         start_states.append(state)
-        state = chunk_decay[:, :, :, index] * state + chunk_states[:, :, :, index]
+        state = decay * state + update
     start_states = torch.stack(start_states, dim=3)  # (B, G, R, N, P, N_state)
     decay_from_start = torch.exp(log_decay.cumsum(-1)).unsqueeze(-1)
     y = y + (C_chunks @ start_states.transpose(-1, -2)) * decay_from_start

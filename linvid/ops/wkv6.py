@@ -165,29 +165,29 @@ def _wkv6_segment(r, k, v, w, u, state):
     half's last token: exp(b_{t-1} - b_s) = exp(w summed over the right half before t) *
     exp(w summed over the left half after s), a row factor times a column factor, both <= 1,
     so the level's pairs are one batched matmul. Levels h = 1, 2, 4, ... cover every pair once.
-    The factors are carried from level to level (`before`, `after`), multiplied by the decay
-    of the neighbouring half; after the last level they are the chunk-level factors that pass
-    the state between chunks.
+    The factors are carried from level to level inside r and k, multiplied by the decay of the
+    neighbouring half; after the last level they are the chunk-level factors that pass the
+    state between chunks.
     """
     *lead, chunk_size, key_dim = r.shape
     value_dim = v.shape[-1]
     # The current token's own term, r_t @ (u * k_t)^T v_t, starts the sum.
     output = (r * u[:, None, :] * k).sum(-1, keepdim=True) * v
+    # r and k carry their decay factors, r_t * exp(w summed over t's current block before t)
+    # and k_s * exp(w summed over s's current block after s): updated in place when no graph
+    # is recorded (prefill), out of place for autograd.
     in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in (r, k, v, w)))
-    before = torch.ones_like(r)  # exp(sum of w in t's current block before t)
-    after = torch.ones_like(r)  # exp(sum of w in s's current block after s)
+    r_decayed, k_decayed = (r.clone(), k.clone()) if in_place else (r, k)
     block_log_decay = w  # (..., chunk_size / h, K): summed w of each current block
     half = 1
     while half < chunk_size:
         blocks = (*lead, chunk_size // (2 * half), 2, half)
-        r_right = r.view(*blocks, key_dim)[..., 1, :, :]
-        k_left = k.view(*blocks, key_dim)[..., 0, :, :]
+        rows = r_decayed.view(*blocks, key_dim)[..., 1, :, :]  # right halves
+        columns = k_decayed.view(*blocks, key_dim)[..., 0, :, :]  # left halves
         v_left = v.view(*blocks, value_dim)[..., 0, :, :]
         if half == 1:  # one-token halves: the pair (t, t-1) has no decay between them
-            transfer = (r_right * k_left).sum(-1, keepdim=True) * v_left
+            transfer = (rows * columns).sum(-1, keepdim=True) * v_left
         else:
-            rows = r_right * before.view(*blocks, key_dim)[..., 1, :, :]
-            columns = k_left * after.view(*blocks, key_dim)[..., 0, :, :]
             transfer = (rows @ columns.transpose(-1, -2)) @ v_left
         # transfer lands on the right halves; left halves receive nothing at this level.
         output.view(*blocks, value_dim)[..., 1, :, :] += transfer
@@ -195,25 +195,26 @@ def _wkv6_segment(r, k, v, w, u, state):
         # have the whole left half before them, the left half's the whole right half after.
         pair_decay = torch.exp(block_log_decay.view(*lead, -1, 2, 1, key_dim))
         if in_place:
-            before.view(*blocks, key_dim)[..., 1, :, :] *= pair_decay[..., 0, :, :]
-            after.view(*blocks, key_dim)[..., 0, :, :] *= pair_decay[..., 1, :, :]
+            rows *= pair_decay[..., 0, :, :]
+            columns *= pair_decay[..., 1, :, :]
         else:
             ones = torch.ones_like(pair_decay[..., :1, :, :])
-            before = before.view(*blocks, key_dim) * torch.cat(
-                (ones, pair_decay[..., :1, :, :]), -3
-            )
-            after = after.view(*blocks, key_dim) * torch.cat((pair_decay[..., 1:, :, :], ones), -3)
-            before, after = before.view_as(r), after.view_as(r)
+            left_to_right = torch.cat((ones, pair_decay[..., :1, :, :]), -3)
+            right_to_left = torch.cat((pair_decay[..., 1:, :, :], ones), -3)
+            r_decayed = (r_decayed.view(*blocks, key_dim) * left_to_right).view_as(r)
+            k_decayed = (k_decayed.view(*blocks, key_dim) * right_to_left).view_as(k)
         block_log_decay = block_log_decay.view(*lead, -1, 2, key_dim).sum(-2)
         half *= 2
 
     # Across chunks: o_t += (r_t * exp(b_{t-1})) @ S_start; the chunk adds
     # sum_s (k_s * exp(b_last - b_s))^T v_s to the state, which decays by exp(b_last).
-    chunk_states = (k * after).transpose(-1, -2) @ v  # (N, B, H, K, V)
+    chunk_states = k_decayed.transpose(-1, -2) @ v  # (N, B, H, K, V)
     chunk_decay = torch.exp(block_log_decay).transpose(-1, -2)  # (N, B, H, K, 1)
     start_states = []
-    for index in range(r.shape[0]):
+    # unbind, not indexing: the backward of one index per chunk would write a full-size zero
+    # gradient per chunk, quadratic in the number of chunks.
+    for decay, update in zip(chunk_decay.unbind(0), chunk_states.unbind(0), strict=True):
         start_states.append(state)
-        state = chunk_decay[index] * state + chunk_states[index]
-    output = output + (r * before) @ torch.stack(start_states)
+        state = decay * state + update
+    output = output + r_decayed @ torch.stack(start_states)
     return output, state
