@@ -31,7 +31,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_ops.add_arguments(ops)
     ops.set_defaults(run=bench_ops.main_from_arguments)
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert a local Transformer checkpoint into a linear or hybrid student",
+        description="Replace a checkpoint's planned decoder layers by linear-time mixers "
+        "initialised from its attention weights and save the student (safetensors).",
+    )
+    convert.add_argument("--model", required=True, help="local checkpoint directory (teacher)")
+    convert.add_argument(
+        "--recipe",
+        "--plan",
+        dest="plan",
+        required=True,
+        help="preset: qwen-rwkv-vl-25, qwen-rwkv-vl-50, mamba2-hybrid-25, linmu, rwkv6-all",
+    )
+    convert.add_argument("--layers", help="override: comma-separated decoder layer indices")
+    convert.add_argument("--fraction", type=float, help="override: fraction of layers to replace")
+    convert.add_argument("--placement", choices=("early", "middle", "late"), help="override")
+    convert.add_argument("--init", choices=("transfer", "random"), help="override")
+    convert.add_argument("--out", required=True, help="output directory for the student")
+    convert.set_defaults(run=run_convert)
     return parser
+
+
+def run_convert(arguments: argparse.Namespace) -> int:
+    import dataclasses
+
+    from linvid.models.convert import convert_checkpoint
+    from linvid.models.plan import resolve_plan
+
+    plan = resolve_plan(arguments.plan)
+    overrides = {}
+    if arguments.layers is not None:
+        overrides["layers"] = tuple(int(part) for part in arguments.layers.split(","))
+        overrides["fraction"] = None
+    if arguments.fraction is not None:
+        overrides["fraction"], overrides["layers"] = arguments.fraction, None
+    for name in ("placement", "init"):
+        if getattr(arguments, name) is not None:
+            overrides[name] = getattr(arguments, name)
+    plan = dataclasses.replace(plan, **overrides)
+    out = convert_checkpoint(arguments.model, plan, arguments.out)
+    print(f"converted {arguments.model} with plan {plan.to_dict()} -> {out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,7 +64,8 @@ class RWKV6TimeMix(nn.Module):
         normalised head then has the scale of one teacher value vector, the upper end of what
         a softmax average of value vectors can have.
 
-    Parameters: receptance, key, value, gate (nn.Linear hidden -> H*K), output (H*K -> hidden),
+    Parameters: receptance, key, value, gate (nn.Linear hidden -> H*K; the gate always has a
+    bias, the others as the teacher), output (H*K -> hidden),
     output_norm (GroupNorm, H groups, eps GROUP_NORM_EPS), shift_mix_x (hidden,),
     shift_mix (5, hidden) rows in SHIFT_MIX_ORDER, shift_mix_down (hidden, 5*R1),
     shift_mix_up (5, R1, hidden), decay_base w0 (H*K,), decay_down (hidden, R2),
@@ -212,8 +213,8 @@ class RWKV6TimeMix(nn.Module):
         """Time-mix L tokens (prefill/training through wkv6_chunk, one token through wkv6_step).
 
         hidden_states: (B, L, hidden) normalised; context: padding_mask (B, L) is read
-        (padding tokens change nothing: their inputs, keys and values are zeroed and their
-        decay set to none, and the shift skips them); state: None or the dict returned
+        (padding tokens change nothing: their inputs and values are zeroed, their decay set to
+        none, and the shift skips them); state: None or the dict returned
         for the previous tokens. Returns (output (B, L, hidden) in hidden_states' dtype,
         new state {"shift": (B, hidden), "wkv": (B, H, K, K)}, both float32).
         """
@@ -223,7 +224,9 @@ class RWKV6TimeMix(nn.Module):
         )
         shift, wkv_state = self._read_state(state, batch)
         dtype = hidden_states.dtype
-        inputs = hidden_states if real is None else hidden_states * real[..., None].to(dtype)
+        inputs = hidden_states
+        if real is not None:  # `where`, not a product: nothing in a padding token can leak
+            inputs = torch.where(real[..., None], hidden_states, 0.0)
         if shift is None:
             shift = inputs.new_zeros(batch, self.hidden_size)
         previous, last_input = token_shift(inputs, shift.to(dtype), real)
@@ -243,11 +246,10 @@ class RWKV6TimeMix(nn.Module):
         key = self.key(key_input)
         value = self.value(value_input)
         if real is not None:
-            # Projection biases make k and v nonzero for a zeroed input; a padding token
-            # must add nothing to the state and decay it not at all.
-            key = key * real[..., None].to(key.dtype)
-            value = value * real[..., None].to(value.dtype)
-            log_decay = log_decay * real[..., None]
+            # A padding token must add nothing to the state and decay it not at all. Projection
+            # biases make v nonzero for its zeroed input; v = 0 makes k^T v = 0 whatever k is.
+            value = torch.where(real[..., None], value, 0.0)
+            log_decay = torch.where(real[..., None], log_decay, 0.0)
         gate = nn.functional.silu(self.gate(gate_input))
 
         heads = (batch, length, self.num_heads, self.head_dim)
@@ -309,8 +311,8 @@ def token_shift(inputs: torch.Tensor, shift: torch.Tensor, real: torch.Tensor | 
 
 
 def repeat_heads(weight: torch.Tensor, head_dim: int, repeats: int) -> torch.Tensor:
-    """Repeat each head's rows of a projection weight (H_kv*hd, D) or bias (H_kv*hd,)
-    `repeats` times in place, giving (H_kv*repeats*hd, ...): query head h reads kv head
+    """Repeat each head's block of rows of a projection weight (H_kv*hd, D) or bias (H_kv*hd,)
+    `repeats` times in a row, giving (H_kv*repeats*hd, ...): query head h reads kv head
     h // repeats, as transformers' repeat_kv does for grouped-query attention."""
     heads = weight.shape[0] // head_dim
     grouped = weight.reshape(heads, head_dim, *weight.shape[1:])
@@ -357,19 +359,26 @@ def check_hidden_states(hidden_states, hidden_size: int) -> tuple[int, int]:
     batch, length, _ = hidden_states.shape
     check_shape("hidden_states", hidden_states, (batch, length, hidden_size), "(B, L, hidden)")
     if length == 0:
-        raise ValueError(f"hidden_states must have at least one token, got {describe(hidden_states)}")
+        raise ValueError(
+            f"hidden_states must have at least one token, got {describe(hidden_states)}"
+        )
     return batch, length
 
 
-def check_token_mask(name: str, mask, batch: int, length: int) -> torch.Tensor | None:
-    """Require None or a bool (B, L) tensor (a MixerContext mask); returns it."""
+def check_token_mask(
+    name: str, mask, batch: int, length: int, layout: str = "(B, L)"
+) -> torch.Tensor | None:
+    """Require None or a bool tensor of shape (batch, length) (a MixerContext mask); returns
+    it. `layout` names the axes in the error message."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         got = describe(mask) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"{name} must be a bool tensor (B, L), got {got}")
+        raise ValueError(f"{name} must be a bool tensor {layout}, got {got}")
     if tuple(mask.shape) != (batch, length):
-        raise ValueError(f"{name} must have shape (B, L) = {(batch, length)}, got {describe(mask)}")
+        raise ValueError(
+            f"{name} must have shape {layout} = {(batch, length)}, got {describe(mask)}"
+        )
     return mask
 
 

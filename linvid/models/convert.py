@@ -54,3 +54,41 @@ def convert(model: nn.Module, plan: ConversionPlan | str | dict, *, in_place: bo
 def load(path: str, **kwargs):
     """Load a saved linvid student (or any model the Auto classes know) from a directory."""
     return AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+
+
+# Files of a checkpoint directory that describe tokenisation and preprocessing, copied next
+# to a converted model so that the student directory is complete.
+PROCESSOR_FILE_PATTERNS = (
+    "tokenizer*",
+    "vocab*",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "processor_config.json",
+    "chat_template*",
+    "generation_config.json",
+)
+
+
+def convert_checkpoint(model_dir: str, plan, out_dir: str) -> str:
+    """Load a local checkpoint, convert it in place, save the student (safetensors) and the
+    tokenizer/processor files next to it. Returns out_dir."""
+    import shutil
+    from pathlib import Path
+
+    source = Path(model_dir)
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {model_dir}: expected a checkpoint directory")
+    plan = resolve_plan(plan)
+    model = AutoModelForImageTextToText.from_pretrained(source, local_files_only=True)
+    student = convert(model, plan, in_place=True)
+    target = Path(out_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    student.save_pretrained(target)
+    for pattern in PROCESSOR_FILE_PATTERNS:
+        for path in source.glob(pattern):
+            if path.is_file() and not (target / path.name).exists():
+                shutil.copy2(path, target / path.name)
+    return str(target)

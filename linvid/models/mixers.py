@@ -17,8 +17,13 @@ def mixer_needs_scenes(mixer: str) -> bool:
 
 
 def build_mixer(
-    plan: ConversionPlan, attention: nn.Module, text_config, layer_idx: int, decoder_layer,
-    *, init: str,
+    plan: ConversionPlan,
+    attention: nn.Module,
+    text_config,
+    layer_idx: int,
+    decoder_layer,
+    *,
+    init: str,
 ) -> nn.Module:
     """The plan's mixer for decoder layer `layer_idx`, built from `attention` (weight reuse,
     init="transfer") or from a freshly initialised copy of it (init="random": same shapes,

@@ -17,6 +17,10 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
 )
 from transformers.cache_utils import DynamicCache
+from transformers.conversion_mapping import (
+    get_checkpoint_conversion_mapping,
+    register_checkpoint_conversion_mapping,
+)
 
 from linvid.layers.base import MixerContext, VideoLayout
 from linvid.models.cache import HybridCache
@@ -127,7 +131,6 @@ class LinvidQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
             )
         finally:
             self.context_holder.context = None
-
 
     def _prepare_multimodal_encoder_kwargs_for_generation(self, model_kwargs):
         # generate() encodes images/videos up front and drops their grids; the mixers still
@@ -280,6 +283,13 @@ def _scene_tokens_per_sample(video_features, owners, batch, plan):
 
 
 AutoConfig.register(LinvidQwen2_5_VLConfig.model_type, LinvidQwen2_5_VLConfig)
+# Save and load in Qwen2.5-VL's own checkpoint layout (its key renamings), so a student
+# directory reads like a Qwen2.5-VL one and a teacher loaded from the hub converts cleanly.
+register_checkpoint_conversion_mapping(
+    LinvidQwen2_5_VLForConditionalGeneration.__name__,
+    get_checkpoint_conversion_mapping(Qwen2_5_VLForConditionalGeneration.__name__),
+    overwrite=True,
+)
 AutoModelForImageTextToText.register(
     LinvidQwen2_5_VLConfig, LinvidQwen2_5_VLForConditionalGeneration
 )

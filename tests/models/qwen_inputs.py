@@ -3,7 +3,7 @@
 
 import torch
 
-from linvid.models.tiny import VIDEO_TOKEN, VISION_END, VISION_START, tiny_qwen2_5_vl_config
+from linvid.models.tiny import VIDEO_TOKEN, VISION_END, VISION_START
 
 PATCH_VALUES = 3 * 2 * 14 * 14  # channels x temporal patch x patch x patch
 

@@ -5,14 +5,13 @@ import json
 
 import pytest
 import torch
+from qwen_inputs import batch_inputs, video_sample
 from transformers import AutoModelForImageTextToText
 
 import linvid
 from linvid.models.cache import HybridCache
 from linvid.models.mixer_attention import MixerAttention
 from linvid.models.plan import PRESETS, ConversionPlan
-
-from qwen_inputs import batch_inputs, video_sample
 
 PLANS = {
     "rwkv6": ConversionPlan(mixer="rwkv6", layers=(1,)),
@@ -74,7 +73,14 @@ def test_prefill_then_decoding_equals_one_full_forward(teacher, name):
     inputs = batch_inputs([video_sample(suffix=(6, 7, 8, 9, 10, 11))])
     full = logits_of(student, inputs)
     decode_steps = 4
-    prefill = {key: value for key, value in inputs.items()}
+    # M-RoPE positions of the whole sequence, as generate() passes them step by step.
+    positions, _ = student.model.get_rope_index(
+        inputs["input_ids"],
+        video_grid_thw=inputs["video_grid_thw"],
+        attention_mask=inputs["attention_mask"],
+        mm_token_type_ids=inputs["mm_token_type_ids"],
+    )
+    prefill = dict(inputs)
     for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
         prefill[key] = inputs[key][:, :-decode_steps]
     with torch.no_grad():
@@ -88,7 +94,7 @@ def test_prefill_then_decoding_equals_one_full_forward(teacher, name):
             output = student(
                 input_ids=inputs["input_ids"][:, position : position + 1],
                 attention_mask=inputs["attention_mask"][:, : position + 1],
-                mm_token_type_ids=inputs["mm_token_type_ids"][:, position : position + 1],
+                position_ids=positions[:, :, position : position + 1],
                 past_key_values=cache,
                 use_cache=True,
             )

@@ -21,7 +21,7 @@ def sum_before_loop(log_decay, dim):
 
 def sum_after_loop(log_decay, dim):
     moved = log_decay.movedim(dim, -1)
-    out = torch.stack([moved[..., t + 1:].sum(-1) for t in range(moved.shape[-1])], dim=-1)
+    out = torch.stack([moved[..., t + 1 :].sum(-1) for t in range(moved.shape[-1])], dim=-1)
     return out.movedim(-1, dim)
 
 
@@ -30,7 +30,7 @@ def segment_sum_loop(log_decay):
     out = torch.full((*log_decay.shape, length), float("-inf"), dtype=log_decay.dtype)
     for t in range(length):
         for s in range(t + 1):
-            out[..., t, s] = log_decay[..., s + 1:t + 1].sum(-1)
+            out[..., t, s] = log_decay[..., s + 1 : t + 1].sum(-1)
     return out
 
 

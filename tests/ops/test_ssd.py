@@ -50,7 +50,12 @@ def ssd_float64(x, dt, A, B, C, *, D=None, initial_state=None, decay_dt=None):
 def magnitude(x, dt, A, B, C, *, D=None, initial_state=None):
     """Sum of the absolute values of the terms behind each output and state entry."""
     return ssd_float64(
-        x.abs(), dt, A, B.abs(), C.abs(), D=None if D is None else D.abs(),
+        x.abs(),
+        dt,
+        A,
+        B.abs(),
+        C.abs(),
+        D=None if D is None else D.abs(),
         initial_state=None if initial_state is None else initial_state.abs(),
     )
 
@@ -82,8 +87,9 @@ def decays(generator, batch, length, heads, mode):
     return steps.gather(0, choice)[0], A
 
 
-def make_inputs(seed, batch, length, groups, repeats, head_dim, state_dim, decay, with_D,
-                with_state):
+def make_inputs(
+    seed, batch, length, groups, repeats, head_dim, state_dim, decay, with_D, with_state
+):
     generator = torch.Generator().manual_seed(seed)
     heads = groups * repeats
     x = torch.randn(batch, length, heads, head_dim, generator=generator)
@@ -155,10 +161,18 @@ def test_hand_computed_two_tokens_with_two_groups():
     D = torch.tensor([10.0, 100.0])
     e = torch.exp
     state_0 = torch.tensor([0.5 * 1 * 5, 1.0 * 2 * 6])
-    state_1 = torch.stack([e(torch.tensor(-2.0)) * state_0[0] + 2 * 3 * 7,
-                           e(torch.tensor(-0.5)) * state_0[1] + 0.25 * 4 * 8])
-    expected = torch.stack([state_0 * torch.tensor([0.5, 1.5]) + D * torch.tensor([1.0, 2.0]),
-                            state_1 * torch.tensor([2.5, 3.5]) + D * torch.tensor([3.0, 4.0])])
+    state_1 = torch.stack(
+        [
+            e(torch.tensor(-2.0)) * state_0[0] + 2 * 3 * 7,
+            e(torch.tensor(-0.5)) * state_0[1] + 0.25 * 4 * 8,
+        ]
+    )
+    expected = torch.stack(
+        [
+            state_0 * torch.tensor([0.5, 1.5]) + D * torch.tensor([1.0, 2.0]),
+            state_1 * torch.tensor([2.5, 3.5]) + D * torch.tensor([3.0, 4.0]),
+        ]
+    )
     for form in (ssd_recurrent, ssd_chunk):
         y, state = form(x, dt, A, B, C, D=D)
         torch.testing.assert_close(y.flatten(), expected.flatten())
@@ -175,10 +189,26 @@ def test_two_calls_carrying_the_state_equal_one_call(case, split, chunk_sizes):
     size, state_size = run(magnitude, inputs)
 
     def halves(form, first_options, second_options):
-        head, middle = form(x[:, first], dt[:, first], A, B[:, first], C[:, first], D=D,
-                            initial_state=state, **first_options)
-        tail, end = form(x[:, second], dt[:, second], A, B[:, second], C[:, second], D=D,
-                         initial_state=middle, **second_options)
+        head, middle = form(
+            x[:, first],
+            dt[:, first],
+            A,
+            B[:, first],
+            C[:, first],
+            D=D,
+            initial_state=state,
+            **first_options,
+        )
+        tail, end = form(
+            x[:, second],
+            dt[:, second],
+            A,
+            B[:, second],
+            C[:, second],
+            D=D,
+            initial_state=middle,
+            **second_options,
+        )
         return torch.cat([head, tail], dim=1), end
 
     whole, whole_state = run(ssd_recurrent, inputs)
@@ -187,8 +217,9 @@ def test_two_calls_carrying_the_state_equal_one_call(case, split, chunk_sizes):
     assert torch.equal(joined, whole) and torch.equal(end, whole_state)
 
     whole, whole_state = run(ssd_chunk, inputs, chunk_size=chunk_sizes[0])
-    joined, end = halves(ssd_chunk, dict(chunk_size=chunk_sizes[0]),
-                         dict(chunk_size=chunk_sizes[1]))
+    joined, end = halves(
+        ssd_chunk, dict(chunk_size=chunk_sizes[0]), dict(chunk_size=chunk_sizes[1])
+    )
     assert_close(joined, whole, size)
     assert_close(end, whole_state, state_size)
 
@@ -204,8 +235,16 @@ def test_decoding_with_steps_after_a_chunked_prefill_equals_one_chunked_call(
     size, state_size = run(magnitude, inputs)
     whole, whole_state = run(ssd_chunk, inputs, chunk_size=chunk_size)
 
-    outputs, running = ssd_chunk(x[:, :cut], dt[:, :cut], A, B[:, :cut], C[:, :cut], D=D,
-                                 initial_state=state, chunk_size=chunk_size)
+    outputs, running = ssd_chunk(
+        x[:, :cut],
+        dt[:, :cut],
+        A,
+        B[:, :cut],
+        C[:, :cut],
+        D=D,
+        initial_state=state,
+        chunk_size=chunk_size,
+    )
     outputs = [outputs]
     for t in range(cut, case["length"]):
         output, running = ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], running, D=D)
@@ -269,8 +308,9 @@ def test_bfloat16_inputs_give_bfloat16_outputs_and_float32_states(case, chunk_si
 
     x, dt, A, B, C, D = low
     zeros = torch.zeros_like(expected_state)
-    step_output, step_state = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0],
-                                       zeros if state is None else state, D=D)
+    step_output, step_state = ssd_step(
+        x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], zeros if state is None else state, D=D
+    )
     assert step_output.dtype == torch.bfloat16 and step_state.dtype == torch.float32
     runs = (run(ssd_recurrent, low + [state]), run(ssd_chunk, low + [state], chunk_size=chunk_size))
     for output, final_state in runs:
@@ -282,16 +322,17 @@ def test_bfloat16_inputs_give_bfloat16_outputs_and_float32_states(case, chunk_si
 
 
 @SETTINGS
-@given(case=cases(max_length=50, decay_modes=("zero", "weak", "uniform")),
-       chunk_size=st.integers(1, 32))
+@given(
+    case=cases(max_length=50, decay_modes=("zero", "weak", "uniform")),
+    chunk_size=st.integers(1, 32),
+)
 def test_chunk_matches_transformers_mamba2_chunk_scan(case, chunk_size):
     x, dt, A, B, C, D, state = make_inputs(**case)
     size, state_size = magnitude(x, dt, A, B, C, D=D, initial_state=state)
     expected, expected_state = mamba2_chunk_scan(
         x, dt, A, B, C, chunk_size, D=D, initial_states=state, return_final_states=True
     )
-    output, final_state = ssd_chunk(x, dt, A, B, C, D=D, initial_state=state,
-                                    chunk_size=chunk_size)
+    output, final_state = ssd_chunk(x, dt, A, B, C, D=D, initial_state=state, chunk_size=chunk_size)
     # HF takes decays as differences of within-chunk cumulative sums (|sum| <= 20 * 32 here),
     # which costs up to ~|sum| * 6e-8 relative: hence 1e-4 rather than 1e-5.
     assert_close(output, expected, size, tolerance=1e-4)
@@ -349,8 +390,9 @@ def _call(form, **changes):
     arguments = {**_valid(), **changes}
     if form is ssd_step:
         token = {name: arguments[name][:, 0] for name in ("x", "dt", "B", "C")}
-        return ssd_step(**token, A=arguments["A"], D=arguments["D"],
-                        state=arguments["initial_state"])
+        return ssd_step(
+            **token, A=arguments["A"], D=arguments["D"], state=arguments["initial_state"]
+        )
     return form(**arguments)
 
 
@@ -359,8 +401,10 @@ def _call(form, **changes):
     ("changes", "message"),
     [
         (dict(dt=torch.rand(2, 4, 6)), r"^dt must have shape"),  # T of dt != T of x
-        (dict(B=torch.randn(2, 5, 4, 3), C=torch.randn(2, 5, 4, 3)),  # H = 6, G = 4
-         r"H = 6 .* must be divisible by the number of B/C groups G = 4"),
+        (
+            dict(B=torch.randn(2, 5, 4, 3), C=torch.randn(2, 5, 4, 3)),  # H = 6, G = 4
+            r"H = 6 .* must be divisible by the number of B/C groups G = 4",
+        ),
         (dict(C=torch.randn(2, 5, 2, 2)), r"^C must have shape"),
         (dict(dt=-torch.rand(2, 5, 6)), r"^dt must be >= 0"),
         (dict(A=torch.full((6,), 0.5)), r"^A must be <= 0"),

@@ -42,8 +42,9 @@ def wkv6_float64(r, k, v, w, u, *, scale=1.0, initial_state=None):
 def magnitude(r, k, v, w, u, *, scale=1.0, initial_state=None):
     """Sum of the absolute values of the terms behind each output and state entry."""
     state = None if initial_state is None else initial_state.abs()
-    return wkv6_float64(r.abs(), k.abs(), v.abs(), w, u.abs(), scale=abs(scale),
-                        initial_state=state)
+    return wkv6_float64(
+        r.abs(), k.abs(), v.abs(), w, u.abs(), scale=abs(scale), initial_state=state
+    )
 
 
 def assert_close(actual, expected, scale, tolerance=TOLERANCE, what="output"):
@@ -64,12 +65,14 @@ def log_decays(generator, shape, mode):
         return -20.0 * torch.rand(shape, generator=generator)
     if mode == "near_zero":
         return -1e-3 * torch.rand(shape, generator=generator)
-    options = torch.stack([
-        torch.zeros(shape),
-        torch.full(shape, -20.0),
-        -20.0 * torch.rand(shape, generator=generator),
-        -1e-3 * torch.rand(shape, generator=generator),
-    ])
+    options = torch.stack(
+        [
+            torch.zeros(shape),
+            torch.full(shape, -20.0),
+            -20.0 * torch.rand(shape, generator=generator),
+            -1e-3 * torch.rand(shape, generator=generator),
+        ]
+    )
     choice = torch.randint(0, 4, (1, *shape), generator=generator)
     return options.gather(0, choice)[0]
 
@@ -148,8 +151,12 @@ def test_hand_computed_two_tokens():
 
 
 @SETTINGS
-@given(case=cases(), split=st.floats(0, 1), chunk_sizes=st.tuples(chunk_sizes, chunk_sizes),
-       scale=scales)
+@given(
+    case=cases(),
+    split=st.floats(0, 1),
+    chunk_sizes=st.tuples(chunk_sizes, chunk_sizes),
+    scale=scales,
+)
 def test_two_calls_carrying_the_state_equal_one_call(case, split, chunk_sizes, scale):
     r, k, v, w, u, state = make_inputs(**case)
     cut = round(split * case["length"])
@@ -161,19 +168,41 @@ def test_two_calls_carrying_the_state_equal_one_call(case, split, chunk_sizes, s
         r[:, first], k[:, first], v[:, first], w[:, first], u, scale=scale, initial_state=state
     )
     tail, end = wkv6_recurrent(
-        r[:, second], k[:, second], v[:, second], w[:, second], u, scale=scale,
+        r[:, second],
+        k[:, second],
+        v[:, second],
+        w[:, second],
+        u,
+        scale=scale,
         initial_state=middle,
     )
     # The reference does the same float32 operations either way: bitwise equal.
     assert torch.equal(torch.cat([head, tail], dim=1), whole)
     assert torch.equal(end, whole_state)
 
-    whole, whole_state = wkv6_chunk(r, k, v, w, u, scale=scale, initial_state=state,
-                                    chunk_size=chunk_sizes[0])
-    head, middle = wkv6_chunk(r[:, first], k[:, first], v[:, first], w[:, first], u,
-                              scale=scale, initial_state=state, chunk_size=chunk_sizes[0])
-    tail, end = wkv6_chunk(r[:, second], k[:, second], v[:, second], w[:, second], u,
-                           scale=scale, initial_state=middle, chunk_size=chunk_sizes[1])
+    whole, whole_state = wkv6_chunk(
+        r, k, v, w, u, scale=scale, initial_state=state, chunk_size=chunk_sizes[0]
+    )
+    head, middle = wkv6_chunk(
+        r[:, first],
+        k[:, first],
+        v[:, first],
+        w[:, first],
+        u,
+        scale=scale,
+        initial_state=state,
+        chunk_size=chunk_sizes[0],
+    )
+    tail, end = wkv6_chunk(
+        r[:, second],
+        k[:, second],
+        v[:, second],
+        w[:, second],
+        u,
+        scale=scale,
+        initial_state=middle,
+        chunk_size=chunk_sizes[1],
+    )
     assert_close(torch.cat([head, tail], dim=1), whole, size)
     assert_close(end, whole_state, state_size)
 
@@ -186,11 +215,20 @@ def test_decoding_with_steps_after_a_chunked_prefill_equals_one_chunked_call(
     r, k, v, w, u, state = make_inputs(**case)
     cut = round(prefill * case["length"])
     size, state_size = magnitude(r, k, v, w, u, scale=scale, initial_state=state)
-    whole, whole_state = wkv6_chunk(r, k, v, w, u, scale=scale, initial_state=state,
-                                    chunk_size=chunk_size)
+    whole, whole_state = wkv6_chunk(
+        r, k, v, w, u, scale=scale, initial_state=state, chunk_size=chunk_size
+    )
 
-    outputs, running = wkv6_chunk(r[:, :cut], k[:, :cut], v[:, :cut], w[:, :cut], u,
-                                  scale=scale, initial_state=state, chunk_size=chunk_size)
+    outputs, running = wkv6_chunk(
+        r[:, :cut],
+        k[:, :cut],
+        v[:, :cut],
+        w[:, :cut],
+        u,
+        scale=scale,
+        initial_state=state,
+        chunk_size=chunk_size,
+    )
     outputs = [outputs]
     for t in range(cut, case["length"]):
         output, running = wkv6_step(r[:, t], k[:, t], v[:, t], w[:, t], u, running, scale=scale)
@@ -251,9 +289,15 @@ def test_bfloat16_inputs_give_bfloat16_outputs_and_float32_states(case, chunk_si
     size, state_size = magnitude(*upcast, scale=scale, initial_state=state)
     expected, expected_state = wkv6_recurrent(*upcast, scale=scale, initial_state=state)
 
-    step_output, step_state = wkv6_step(r[:, 0], k[:, 0], v[:, 0], w[:, 0], u,
-                                        torch.zeros_like(expected_state) if state is None
-                                        else state, scale=scale)
+    step_output, step_state = wkv6_step(
+        r[:, 0],
+        k[:, 0],
+        v[:, 0],
+        w[:, 0],
+        u,
+        torch.zeros_like(expected_state) if state is None else state,
+        scale=scale,
+    )
     assert step_output.dtype == torch.bfloat16 and step_state.dtype == torch.float32
     runs = (
         wkv6_recurrent(r, k, v, w, u, scale=scale, initial_state=state),
