@@ -18,6 +18,9 @@ the same outputs (prefill + token-by-token decoding == one full forward). Paddin
 (padding_mask False, left padding) must not change the outputs or states of real tokens.
 Each mixer has `from_attention(attention, config, ...)` building it from a teacher attention
 module with q_proj/k_proj/v_proj/o_proj (weight reuse) and `config` the text config.
+
+The checks at the end of this module are the ones every mixer runs on these inputs, so that a
+wrong hidden_states, context mask or state reads the same from every mixer.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from linvid.ops.validation import check_shape, check_tensor, describe
 
 MixerState = dict[str, torch.Tensor]
 
@@ -66,3 +71,58 @@ class MixerContext:
     def empty(batch: int) -> MixerContext:
         """Context for plain text tokens with no padding (e.g. one decoding step)."""
         return MixerContext(videos=[[] for _ in range(batch)])
+
+
+def check_hidden_states(hidden_states, hidden_size: int) -> tuple[int, int]:
+    """Require a floating (B, L, hidden_size) tensor with L >= 1; returns (B, L)."""
+    check_tensor("hidden_states", hidden_states, 3, "(B, L, hidden)")
+    batch, length, _ = hidden_states.shape
+    check_shape("hidden_states", hidden_states, (batch, length, hidden_size), "(B, L, hidden)")
+    if length == 0:
+        raise ValueError(
+            f"hidden_states must have at least one token, got {describe(hidden_states)}"
+        )
+    return batch, length
+
+
+def check_token_mask(
+    name: str, mask, batch: int, length: int, layout: str = "(B, L)"
+) -> torch.Tensor | None:
+    """Require None or a bool tensor of shape (batch, length) (a MixerContext mask); returns
+    it. `layout` names the axes in the error message."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = describe(mask) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{name} must be a bool tensor {layout}, got {got}")
+    if tuple(mask.shape) != (batch, length):
+        raise ValueError(
+            f"{name} must have shape {layout} = {(batch, length)}, got {describe(mask)}"
+        )
+    return mask
+
+
+def context_mask(
+    context: MixerContext | None, name: str, batch: int, length: int
+) -> torch.Tensor | None:
+    """context.<name> (padding_mask or vision_mask; None without a context), checked to be None
+    or a bool (B, L) tensor."""
+    return check_token_mask(f"context.{name}", getattr(context, name, None), batch, length)
+
+
+def check_state_keys(state, expected: tuple[str, ...]) -> None:
+    """Require a mixer state: a dict with exactly the keys `expected`."""
+    if not isinstance(state, dict) or set(state) != set(expected):
+        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"state must be a dict with keys {sorted(expected)}, got {got}")
+
+
+def check_state_tensor(
+    state: MixerState, key: str, expected: tuple[int, ...], layout: str
+) -> torch.Tensor:
+    """Require state[key] to be a floating tensor of shape `expected` (`layout` names its axes,
+    e.g. "(B, H, K, K)"); returns it."""
+    name = f"state['{key}']"
+    check_tensor(name, state[key], len(expected), layout)
+    check_shape(name, state[key], expected, layout)
+    return state[key]

@@ -9,14 +9,21 @@ import math
 import torch
 from torch import nn
 
-from linvid.layers.base import MixerContext, MixerState
-from linvid.layers.rwkv6 import (
-    attention_layout,
+from linvid.layers.attention_weights import (
+    AttentionGeometry,
+    check_head_layout,
+    copy_projection,
+    to_teacher,
+)
+from linvid.layers.base import (
+    MixerContext,
+    MixerState,
     check_hidden_states,
     check_state_keys,
     check_token_mask,
+    context_mask,
 )
-from linvid.ops.validation import check_positive_int, check_shape, check_tensor, describe
+from linvid.ops.validation import check_shape, check_tensor, describe
 
 # tanh(DYNAMIC_GATE_BIAS) = 1/2: every text token starts at the middle of the gate's range.
 DYNAMIC_GATE_BIAS = math.atanh(0.5)
@@ -64,18 +71,7 @@ class GatedCrossAttention(nn.Module):
         output_bias: bool = False,
     ):
         super().__init__()
-        for name, value in (
-            ("hidden_size", hidden_size),
-            ("num_heads", num_heads),
-            ("num_key_value_heads", num_key_value_heads),
-            ("head_dim", head_dim),
-        ):
-            check_positive_int(name, value)
-        if num_heads % num_key_value_heads:
-            raise ValueError(
-                f"num_heads ({num_heads}) must be a multiple of num_key_value_heads "
-                f"({num_key_value_heads})"
-            )
+        check_head_layout(hidden_size, num_heads, num_key_value_heads, head_dim)
         if not callable(norm):
             raise ValueError(f"norm must be a module (the layer's input norm), got {norm!r}")
         self.hidden_size = hidden_size
@@ -99,28 +95,21 @@ class GatedCrossAttention(nn.Module):
         are (paper 000 §4.3; grouped-query heads stay grouped). config: the text config
         (hidden_size, num_attention_heads, num_key_value_heads, optional head_dim); norm: the
         decoder layer's input_layernorm. Returns a module on the teacher's device and dtype."""
-        hidden_size, num_heads, num_kv_heads, head_dim = attention_layout(config, attention)
+        geometry = AttentionGeometry.read(attention, config)
         module = cls(
-            hidden_size,
-            num_heads,
-            num_kv_heads,
-            head_dim,
+            geometry.hidden_size,
+            geometry.num_heads,
+            geometry.num_key_value_heads,
+            geometry.head_dim,
             norm,
-            projection_bias=attention.q_proj.bias is not None,
-            output_bias=attention.o_proj.bias is not None,
+            projection_bias=geometry.projection_bias,
+            output_bias=geometry.output_bias,
         )
-        with torch.no_grad():
-            for target, source in (
-                (module.query, attention.q_proj),
-                (module.key, attention.k_proj),
-                (module.value, attention.v_proj),
-                (module.output, attention.o_proj),
-            ):
-                target.weight.copy_(source.weight)
-                if source.bias is not None:
-                    target.bias.copy_(source.bias)
-        weight = attention.q_proj.weight
-        return module.to(device=weight.device, dtype=weight.dtype)
+        copy_projection(module.query, attention.q_proj)
+        copy_projection(module.key, attention.k_proj)
+        copy_projection(module.value, attention.v_proj)
+        copy_projection(module.output, attention.o_proj)
+        return to_teacher(module, attention)
 
     def forward(
         self,
@@ -137,12 +126,12 @@ class GatedCrossAttention(nn.Module):
         Returns (output (B, L, hidden), 0 on non-text tokens; new state, see the class).
         """
         batch, length = check_hidden_states(hidden_states, self.hidden_size)
-        padding = getattr(context, "padding_mask", None)
-        vision = getattr(context, "vision_mask", None)
+        padding = context_mask(context, "padding_mask", batch, length)
+        vision = context_mask(context, "vision_mask", batch, length)
         text = torch.ones(batch, length, dtype=torch.bool, device=hidden_states.device)
-        if check_token_mask("context.padding_mask", padding, batch, length) is not None:
+        if padding is not None:
             text = text & padding
-        if check_token_mask("context.vision_mask", vision, batch, length) is not None:
+        if vision is not None:
             text = text & ~vision
         scene_keys, scene_values, scene_mask = self._scenes(context, state, batch, hidden_states)
         new_state = {

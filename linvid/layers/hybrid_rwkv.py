@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from linvid.layers.base import MixerContext, MixerState
+from linvid.layers.base import MixerContext, MixerState, check_state_keys
 from linvid.layers.cross_attention import GatedCrossAttention
-from linvid.layers.rwkv6 import RWKV6TimeMix, check_state_keys
+from linvid.layers.rwkv6 import RWKV6TimeMix
 
 
 class HybridRWKVMixer(nn.Module):

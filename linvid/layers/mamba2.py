@@ -19,21 +19,35 @@ as transformers' repeat_kv does (head h reads kv head h // (H / H_kv)). ssd_chun
 and C with G = H groups: C has one query per head, so B cannot stay at H_kv groups.
 
 This module also holds `Mamba2Scan` (conv + SSD for one scan direction), `GatedRMSNorm` and the
-weight-reuse and input checks that LinMU's Flex-MA branch (mmate.py) shares.
+projections and their weight reuse (`add_projections`, `reuse_attention`) that LinMU's Flex-MA
+branch (mmate.py) shares.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from linvid.layers.base import MixerContext, MixerState
+from linvid.layers.attention_weights import (
+    AttentionGeometry,
+    check_head_layout,
+    copy_projection,
+    to_teacher,
+    value_head_scales,
+)
+from linvid.layers.base import (
+    MixerContext,
+    MixerState,
+    check_hidden_states,
+    check_state_keys,
+    check_state_tensor,
+    context_mask,
+)
 from linvid.ops.ssd import ssd_chunk, ssd_step
-from linvid.ops.validation import check_positive_int, check_shape, check_tensor, describe
+from linvid.ops.validation import check_positive_int, check_shape
 
 # z with silu(z) = 1 (float64 Newton root): a zero-weight gate with this bias passes y unchanged.
 SILU_FIXED_POINT = 1.278464542761074
@@ -96,21 +110,14 @@ class Mamba2Scan(nn.Module):
         chunk_size: int = 64,
     ):
         super().__init__()
+        # x and B have one group per teacher kv head: num_groups is num_key_value_heads.
+        check_head_layout(hidden_size, num_heads, num_groups, head_dim)
         for name, value in (
-            ("hidden_size", hidden_size),
-            ("num_heads", num_heads),
-            ("head_dim", head_dim),
             ("state_size", state_size),
-            ("num_groups", num_groups),
             ("conv_kernel", conv_kernel),
             ("chunk_size", chunk_size),
         ):
             check_positive_int(name, value)
-        if num_heads % num_groups:
-            raise ValueError(
-                f"num_heads ({num_heads}) must be a multiple of the number of x/B groups "
-                f"num_key_value_heads ({num_groups})"
-            )
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.state_size = state_size
@@ -206,19 +213,12 @@ class Mamba2Scan(nn.Module):
         (None, None) for None."""
         if state is None:
             return None, None
-        if not isinstance(state, dict) or set(state) != set(STATE_KEYS):
-            got = sorted(state) if isinstance(state, dict) else type(state).__name__
-            raise ValueError(
-                f"state must be None or a dict with keys {list(STATE_KEYS)}, got {got}"
-            )
-        conv_layout = "(B, conv_channels, kernel - 1)"
-        check_tensor("state['conv']", state["conv"], 3, conv_layout)
+        check_state_keys(state, STATE_KEYS)
         conv_shape = (batch, self.conv_channels, self.conv_kernel - 1)
-        check_shape("state['conv']", state["conv"], conv_shape, conv_layout)
-        check_tensor("state['ssm']", state["ssm"], 4, "(B, H, P, N)")
+        conv = check_state_tensor(state, "conv", conv_shape, "(B, conv_channels, kernel - 1)")
         ssm_shape = (batch, self.num_heads, self.head_dim, self.state_size)
-        check_shape("state['ssm']", state["ssm"], ssm_shape, "(B, H, P, N)")
-        return state["conv"].float(), state["ssm"].float()
+        ssm = check_state_tensor(state, "ssm", ssm_shape, "(B, H, P, N)")
+        return conv.float(), ssm.float()
 
 
 class Mamba2Mixer(nn.Module):
@@ -286,8 +286,7 @@ class Mamba2Mixer(nn.Module):
         )
         reuse_attention(mixer, attention)
         mixer.scan.reset_conv_to_identity()
-        weight = attention.q_proj.weight
-        return mixer.to(device=weight.device, dtype=weight.dtype)
+        return to_teacher(mixer, attention)
 
     def forward(
         self,
@@ -304,16 +303,10 @@ class Mamba2Mixer(nn.Module):
         Returns (output (B, L, hidden) in hidden_states' dtype, new state {"conv", "ssm"}).
         """
         batch, length = check_hidden_states(hidden_states, self.hidden_size)
-        padding_mask = check_token_mask(
-            "context.padding_mask", getattr(context, "padding_mask", None), batch, length
-        )
-        inputs = torch.cat(
-            (self.x_proj(hidden_states), self.b_proj(hidden_states), self.c_proj(hidden_states)),
-            dim=-1,
-        )
+        padding_mask = context_mask(context, "padding_mask", batch, length)
+        inputs = scan_inputs(self, hidden_states)
         y, new_state = self.scan(hidden_states, inputs, state, padding_mask)
-        normed = self.norm(y.flatten(2), self.z_proj(hidden_states))
-        return self.out_proj(normed.to(hidden_states.dtype)), new_state
+        return gated_output(self, y, hidden_states), new_state
 
 
 def add_projections(
@@ -333,61 +326,19 @@ def add_projections(
     module.out_proj = nn.Linear(inner_size, hidden_size, bias=output_bias)
 
 
-@dataclass(frozen=True)
-class AttentionGeometry:
-    """Head layout of a teacher attention, read from its text config and checked against its
-    q_proj/k_proj/v_proj/o_proj (nn.Linear) shapes."""
+def scan_inputs(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The conv's input [x, B, C] = [W_x h, W_B h, W_C h] (B, L, conv_channels), in
+    Mamba2Scan's channel order, from the projections of a module made by `add_projections`."""
+    projections = (module.x_proj, module.b_proj, module.c_proj)
+    return torch.cat([projection(hidden_states) for projection in projections], dim=-1)
 
-    hidden_size: int
-    num_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    projection_bias: bool  # any of q/k/v has a bias
-    output_bias: bool
 
-    @classmethod
-    def read(cls, attention: nn.Module, config) -> AttentionGeometry:
-        for name in ("hidden_size", "num_attention_heads"):
-            value = getattr(config, name, None)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"config.{name} must be an int >= 1, got {value!r}")
-        hidden_size = config.hidden_size
-        num_heads = config.num_attention_heads
-        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-        head_dim = getattr(config, "head_dim", None) or hidden_size // num_heads
-        if num_heads % num_kv_heads:
-            raise ValueError(
-                f"config.num_attention_heads ({num_heads}) must be a multiple of "
-                f"config.num_key_value_heads ({num_kv_heads})"
-            )
-        expected = {
-            "q_proj": (num_heads * head_dim, hidden_size),
-            "k_proj": (num_kv_heads * head_dim, hidden_size),
-            "v_proj": (num_kv_heads * head_dim, hidden_size),
-            "o_proj": (hidden_size, num_heads * head_dim),
-        }
-        for name, shape in expected.items():
-            projection = getattr(attention, name, None)
-            if not isinstance(projection, nn.Linear):
-                raise ValueError(
-                    f"attention.{name} must be an nn.Linear, got {type(projection).__name__}"
-                )
-            if tuple(projection.weight.shape) != shape:
-                raise ValueError(
-                    f"attention.{name}.weight must have shape {shape} for hidden_size "
-                    f"{hidden_size}, {num_heads} heads, {num_kv_heads} kv heads and head_dim "
-                    f"{head_dim} (from config), got {describe(projection.weight)}"
-                )
-        return cls(
-            hidden_size,
-            num_heads,
-            num_kv_heads,
-            head_dim,
-            projection_bias=any(
-                getattr(attention, name).bias is not None for name in ("q_proj", "k_proj", "v_proj")
-            ),
-            output_bias=attention.o_proj.bias is not None,
-        )
+def gated_output(module: nn.Module, y: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    """W_out RMSNorm_per_head(y * SiLU(W_z h + b_z)) (module docstring, last line) for a module
+    made by `add_projections`: y (B, L, H, P) float32, hidden_states h (B, L, hidden).
+    Returns (B, L, hidden) in hidden_states' dtype."""
+    normed = module.norm(y.flatten(2), module.z_proj(hidden_states))
+    return module.out_proj(normed.to(hidden_states.dtype))
 
 
 @torch.no_grad()
@@ -400,57 +351,18 @@ def reuse_attention(module: nn.Module, attention: nn.Module) -> None:
     - gate z: weight 0, bias SILU_FIXED_POINT, so silu(z) = 1 for every token: the "identity
       initialisation" of gates of paper 003 §3.2.1;
     - norm weight of head h = the root mean square of its value channels for unit-variance
-      inputs, sqrt((|W_V,h|_F^2 + |b_V,h|^2) / P), the scale of one teacher value vector. The
-      RMSNorm removes y's scale, so without this the output's scale would be that of W_O alone;
-      a softmax average of value vectors is at most this large, so the output starts on (the
-      upper end of) the teacher attention's scale.
+      inputs, sqrt((|W_V,h|_F^2 + |b_V,h|^2) / P) (`value_head_scales`). The RMSNorm removes
+      y's scale, so without this the output's scale would be that of W_O alone; with it the
+      output starts on (the upper end of) the teacher attention's scale.
 
     The conv, dt, A and D are left to the caller (Mamba-2 inits; convs set to identity taps).
     """
-    pairs = (
-        (module.c_proj, attention.q_proj),
-        (module.b_proj, attention.k_proj),
-        (module.x_proj, attention.v_proj),
-        (module.out_proj, attention.o_proj),
-    )
-    for target, source in pairs:
-        target.weight.copy_(source.weight)
-        if source.bias is not None:
-            target.bias.copy_(source.bias)
-        elif target.bias is not None:
-            target.bias.zero_()
+    copy_projection(module.c_proj, attention.q_proj)
+    copy_projection(module.b_proj, attention.k_proj)
+    copy_projection(module.x_proj, attention.v_proj)
+    copy_projection(module.out_proj, attention.o_proj)
     module.z_proj.weight.zero_()
     module.z_proj.bias.fill_(SILU_FIXED_POINT)
-
     head_dim = module.norm.group_size
-    value_weight = attention.v_proj.weight.float().unflatten(0, (-1, head_dim))  # (H_kv, P, D)
-    value_square = value_weight.square().sum((1, 2))
-    if attention.v_proj.bias is not None:
-        value_square += attention.v_proj.bias.float().unflatten(0, (-1, head_dim)).square().sum(1)
-    head_scale = (value_square / head_dim).sqrt()
-    repeats = module.norm.weight.numel() // head_dim // head_scale.numel()
-    module.norm.weight.copy_(head_scale.repeat_interleave(repeats * head_dim))
-
-
-def check_hidden_states(hidden_states, hidden_size: int) -> tuple[int, int]:
-    """Require a floating (B, L, hidden_size) tensor with L >= 1; returns (B, L)."""
-    check_tensor("hidden_states", hidden_states, 3, "(B, L, hidden)")
-    batch, length, _ = hidden_states.shape
-    check_shape("hidden_states", hidden_states, (batch, length, hidden_size), "(B, L, hidden)")
-    if length == 0:
-        raise ValueError(
-            f"hidden_states must have at least one token, got {describe(hidden_states)}"
-        )
-    return batch, length
-
-
-def check_token_mask(name: str, mask, batch: int, length: int) -> torch.Tensor | None:
-    """Require None or a bool (B, L) tensor (a MixerContext mask); returns it."""
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        got = describe(mask) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"{name} must be a bool tensor (B, L), got {got}")
-    if tuple(mask.shape) != (batch, length):
-        raise ValueError(f"{name} must have shape (B, L) = {(batch, length)}, got {describe(mask)}")
-    return mask
+    num_heads = module.norm.weight.numel() // head_dim
+    module.norm.weight.copy_(value_head_scales(attention.v_proj, head_dim, num_heads))

@@ -30,14 +30,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from linvid.layers.base import MixerContext, MixerState, VideoLayout
-from linvid.layers.mamba2 import (
+from linvid.layers.attention_weights import (
     AttentionGeometry,
+    check_head_layout,
+    copy_projection,
+    to_teacher,
+)
+from linvid.layers.base import (
+    MixerContext,
+    MixerState,
+    VideoLayout,
+    check_hidden_states,
+    context_mask,
+)
+from linvid.layers.mamba2 import (
     Mamba2Scan,
     add_projections,
-    check_hidden_states,
-    check_token_mask,
+    gated_output,
     reuse_attention,
+    scan_inputs,
 )
 from linvid.ops.scan import rms_sequence_permutation
 from linvid.ops.validation import check_positive_int, describe
@@ -121,9 +132,7 @@ class FlexMA(nn.Module):
         Returns (output (B, L, hidden) in hidden_states' dtype, new forward state).
         """
         batch, length = check_hidden_states(hidden_states, self.hidden_size)
-        padding_mask = check_token_mask(
-            "context.padding_mask", getattr(context, "padding_mask", None), batch, length
-        )
+        padding_mask = context_mask(context, "padding_mask", batch, length)
         videos, vision_mask = read_videos(context, batch, length, hidden_states.device)
         rows = torch.arange(batch, device=hidden_states.device)[:, None]
         if vision_mask is not None:
@@ -131,10 +140,7 @@ class FlexMA(nn.Module):
             # RMS moves vision tokens only within their own video's slots, so the padding and
             # vision masks read the same before and after the scan.
             hidden_states = hidden_states[rows, order]
-        inputs = torch.cat(
-            (self.x_proj(hidden_states), self.b_proj(hidden_states), self.c_proj(hidden_states)),
-            dim=-1,
-        )
+        inputs = scan_inputs(self, hidden_states)
         forward_y, new_state = self.forward_scan(hidden_states, inputs, state, padding_mask)
         if vision_mask is None:
             reverse_y = torch.zeros_like(forward_y)
@@ -145,8 +151,7 @@ class FlexMA(nn.Module):
             reverse_y = reverse_y.flip(1)
         gate = torch.sigmoid(self.direction_gate(hidden_states).float())[..., None]  # (B,L,H,1)
         fused = gate * forward_y + (1 - gate) * reverse_y
-        normed = self.norm(fused.flatten(2), self.z_proj(hidden_states))
-        output = self.out_proj(normed.to(hidden_states.dtype))
+        output = gated_output(self, fused, hidden_states)
         if vision_mask is not None:
             output = output[rows, inverse]
         return output, new_state
@@ -195,18 +200,7 @@ class LocalSwin(nn.Module):
         super().__init__()
         check_positive_int("layer_idx", layer_idx, allow_zero=True)
         num_key_value_heads = num_heads if num_key_value_heads is None else num_key_value_heads
-        for name, value in (
-            ("hidden_size", hidden_size),
-            ("num_heads", num_heads),
-            ("head_dim", head_dim),
-            ("num_key_value_heads", num_key_value_heads),
-        ):
-            check_positive_int(name, value)
-        if num_heads % num_key_value_heads:
-            raise ValueError(
-                f"num_heads ({num_heads}) must be a multiple of num_key_value_heads "
-                f"({num_key_value_heads})"
-            )
+        check_head_layout(hidden_size, num_heads, num_key_value_heads, head_dim)
         if not isinstance(window, tuple | list) or len(window) != 3:
             raise ValueError(f"window must be a tuple of 3 ints (t, y, x), got {window!r}")
         for axis, size in enumerate(window):
@@ -227,12 +221,7 @@ class LocalSwin(nn.Module):
         """W_Q, W_K, W_V, W_O and biases <- the teacher's (paper 003 eq. 5); a projection whose
         teacher has no bias gets bias 0."""
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            target, source = getattr(self, name), getattr(attention, name)
-            target.weight.copy_(source.weight)
-            if source.bias is not None:
-                target.bias.copy_(source.bias)
-            elif target.bias is not None:
-                target.bias.zero_()
+            copy_projection(getattr(self, name), getattr(attention, name))
 
     def window_and_shift(
         self, grid: tuple[int, int, int]
@@ -378,8 +367,7 @@ class MMATE(nn.Module):
             # the norm's per-head scales (unit-variance entries times norm.weight).
             scaled = block.flex.out_proj.weight.float() * block.flex.norm.weight.float()
             block.norm.weight.fill_(scaled.square().sum(1).mean().sqrt())
-        weight = attention.q_proj.weight
-        return block.to(device=weight.device, dtype=weight.dtype)
+        return to_teacher(block, attention)
 
     def forward(
         self,
@@ -424,9 +412,7 @@ def read_videos(
             if bool(mask[sample, positions].any()):
                 raise ValueError(f"{name} shares positions with another video of sample {sample}")
             mask[sample, positions] = True
-    given = check_token_mask(
-        "context.vision_mask", getattr(context, "vision_mask", None), batch, length
-    )
+    given = context_mask(context, "vision_mask", batch, length)
     if given is not None and not torch.equal(given.to(device), mask):
         raise ValueError(
             f"context.vision_mask must be True exactly at the positions of context.videos: it "

@@ -11,9 +11,6 @@ Per token t, with x_t the (normalised) input and x_{t-1} the previous token's:
     r, k, v   = W_r xreceptance_t, W_k xkey_t, W_v xvalue_t        per head (H, K)
     o_t       = WKV6(r, k, v, w, u)                                  linvid.ops.wkv6
     y_t       = W_o (GroupNorm_per_head(o_t) * silu(W_g xgate_t))
-
-This module also holds the small input checks and the teacher-layout reading that the other
-RWKV-side layers (cross_attention.py, hybrid_rwkv.py) share.
 """
 
 from __future__ import annotations
@@ -21,8 +18,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from linvid.layers.base import MixerContext, MixerState
-from linvid.ops.validation import check_positive_int, check_shape, check_tensor, describe
+from linvid.layers.attention_weights import (
+    AttentionGeometry,
+    copy_projection,
+    to_teacher,
+    value_head_scales,
+)
+from linvid.layers.base import (
+    MixerContext,
+    MixerState,
+    check_hidden_states,
+    check_state_keys,
+    check_state_tensor,
+    context_mask,
+)
+from linvid.ops.validation import check_positive_int
 from linvid.ops.wkv6 import wkv6_chunk, wkv6_step
 
 # The five data-dependent lerps of the token shift, in BlinkDL's x060 order.
@@ -162,47 +172,35 @@ class RWKV6TimeMix(nn.Module):
         optional head_dim, optional num_hidden_layers); attention.layer_idx (if present) picks
         the depth of the decay spectrum. Returns a module on the teacher's device and dtype.
         """
-        hidden_size, num_heads, num_kv_heads, head_dim = attention_layout(config, attention)
+        geometry = AttentionGeometry.read(attention, config)
         layer_idx = getattr(attention, "layer_idx", None) or 0
         num_layers = max(getattr(config, "num_hidden_layers", 1), layer_idx + 1)
         module = cls(
-            hidden_size,
-            num_heads,
-            head_dim,
-            projection_bias=attention.q_proj.bias is not None,
-            output_bias=attention.o_proj.bias is not None,
+            geometry.hidden_size,
+            geometry.num_heads,
+            geometry.head_dim,
+            projection_bias=geometry.projection_bias,
+            output_bias=geometry.output_bias,
             layer_idx=layer_idx,
             num_layers=num_layers,
         )
-        groups = num_heads // num_kv_heads
+        head_dim = geometry.head_dim
+        groups = geometry.num_heads // geometry.num_key_value_heads
+        copy_projection(module.receptance, attention.q_proj)
+        copy_projection(module.key, attention.k_proj, repeats=groups, head_dim=head_dim)
+        copy_projection(module.value, attention.v_proj, repeats=groups, head_dim=head_dim)
+        copy_projection(module.output, attention.o_proj)
         with torch.no_grad():
-            copies = (
-                (module.receptance, attention.q_proj, 1),
-                (module.key, attention.k_proj, groups),
-                (module.value, attention.v_proj, groups),
-            )
-            for target, source, repeats in copies:
-                target.weight.copy_(repeat_heads(source.weight, head_dim, repeats))
-                if source.bias is not None:
-                    target.bias.copy_(repeat_heads(source.bias, head_dim, repeats))
-            module.output.weight.copy_(attention.o_proj.weight)
-            if attention.o_proj.bias is not None:
-                module.output.bias.copy_(attention.o_proj.bias)
-
             module.shift_mix_x.zero_()
             module.shift_mix.zero_()
             module.bonus.fill_(1.0)
             module.gate.weight.zero_()
             module.gate.bias.fill_(GATE_BIAS)
-            value_weight = module.value.weight.float().view(num_heads, head_dim, hidden_size)
-            value_square = value_weight.square().sum((1, 2))
-            if module.value.bias is not None:
-                value_square += module.value.bias.float().view(num_heads, head_dim).square().sum(1)
-            head_scale = (value_square / head_dim).sqrt()
-            module.output_norm.weight.copy_(head_scale.repeat_interleave(head_dim))
+            module.output_norm.weight.copy_(
+                value_head_scales(attention.v_proj, head_dim, geometry.num_heads)
+            )
             module.output_norm.bias.zero_()
-        weight = attention.q_proj.weight
-        return module.to(device=weight.device, dtype=weight.dtype)
+        return to_teacher(module, attention)
 
     def forward(
         self,
@@ -219,9 +217,7 @@ class RWKV6TimeMix(nn.Module):
         new state {"shift": (B, hidden), "wkv": (B, H, K, K)}, both float32).
         """
         batch, length = check_hidden_states(hidden_states, self.hidden_size)
-        real = check_token_mask(
-            "context.padding_mask", getattr(context, "padding_mask", None), batch, length
-        )
+        real = context_mask(context, "padding_mask", batch, length)
         shift, wkv_state = self._read_state(state, batch)
         dtype = hidden_states.dtype
         inputs = hidden_states
@@ -279,13 +275,9 @@ class RWKV6TimeMix(nn.Module):
         if state is None:
             return None, None
         check_state_keys(state, self.STATE_KEYS)
-        shift = state["shift"]
-        check_tensor("state['shift']", shift, 2, "(B, hidden)")
-        check_shape("state['shift']", shift, (batch, self.hidden_size), "(B, hidden)")
-        wkv = state["wkv"]
-        expected = (batch, self.num_heads, self.head_dim, self.head_dim)
-        check_tensor("state['wkv']", wkv, 4, "(B, H, K, K)")
-        check_shape("state['wkv']", wkv, expected, "(B, H, K, K)")
+        shift = check_state_tensor(state, "shift", (batch, self.hidden_size), "(B, hidden)")
+        wkv_shape = (batch, self.num_heads, self.head_dim, self.head_dim)
+        wkv = check_state_tensor(state, "wkv", wkv_shape, "(B, H, K, K)")
         return shift, wkv
 
 
@@ -308,82 +300,3 @@ def token_shift(inputs: torch.Tensor, shift: torch.Tensor, real: torch.Tensor | 
     previous = extended.gather(1, before[..., None].expand(-1, -1, width))
     last = extended.gather(1, last_real[:, -1:, None].expand(-1, -1, width))[:, 0]
     return previous, last
-
-
-def repeat_heads(weight: torch.Tensor, head_dim: int, repeats: int) -> torch.Tensor:
-    """Repeat each head's block of rows of a projection weight (H_kv*hd, D) or bias (H_kv*hd,)
-    `repeats` times in a row, giving (H_kv*repeats*hd, ...): query head h reads kv head
-    h // repeats, as transformers' repeat_kv does for grouped-query attention."""
-    heads = weight.shape[0] // head_dim
-    grouped = weight.reshape(heads, head_dim, *weight.shape[1:])
-    return grouped.repeat_interleave(repeats, dim=0).reshape(-1, *weight.shape[1:])
-
-
-def attention_layout(config, attention: nn.Module) -> tuple[int, int, int, int]:
-    """(hidden_size, num_heads, num_key_value_heads, head_dim) of a teacher attention, read
-    from its text config and checked against its q_proj/k_proj/v_proj/o_proj shapes."""
-    for name in ("hidden_size", "num_attention_heads"):
-        if not isinstance(getattr(config, name, None), int):
-            raise ValueError(f"config must have an int {name}, got {getattr(config, name, None)!r}")
-    hidden_size = config.hidden_size
-    num_heads = config.num_attention_heads
-    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-    head_dim = getattr(config, "head_dim", None) or hidden_size // num_heads
-    if num_heads % num_kv_heads:
-        raise ValueError(
-            f"config.num_attention_heads ({num_heads}) must be a multiple of "
-            f"config.num_key_value_heads ({num_kv_heads})"
-        )
-    expected = {
-        "q_proj": (num_heads * head_dim, hidden_size),
-        "k_proj": (num_kv_heads * head_dim, hidden_size),
-        "v_proj": (num_kv_heads * head_dim, hidden_size),
-        "o_proj": (hidden_size, num_heads * head_dim),
-    }
-    for name, shape in expected.items():
-        projection = getattr(attention, name, None)
-        if not isinstance(projection, nn.Linear):
-            raise ValueError(f"attention must have an nn.Linear {name}, got {projection!r}")
-        if tuple(projection.weight.shape) != shape:
-            raise ValueError(
-                f"attention.{name}.weight must have shape {shape} for hidden_size "
-                f"{hidden_size}, {num_heads} heads, {num_kv_heads} kv heads, head_dim "
-                f"{head_dim} (from config), got {describe(projection.weight)}"
-            )
-    return hidden_size, num_heads, num_kv_heads, head_dim
-
-
-def check_hidden_states(hidden_states, hidden_size: int) -> tuple[int, int]:
-    """Require a floating (B, L, hidden_size) tensor with L >= 1; returns (B, L)."""
-    check_tensor("hidden_states", hidden_states, 3, "(B, L, hidden)")
-    batch, length, _ = hidden_states.shape
-    check_shape("hidden_states", hidden_states, (batch, length, hidden_size), "(B, L, hidden)")
-    if length == 0:
-        raise ValueError(
-            f"hidden_states must have at least one token, got {describe(hidden_states)}"
-        )
-    return batch, length
-
-
-def check_token_mask(
-    name: str, mask, batch: int, length: int, layout: str = "(B, L)"
-) -> torch.Tensor | None:
-    """Require None or a bool tensor of shape (batch, length) (a MixerContext mask); returns
-    it. `layout` names the axes in the error message."""
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        got = describe(mask) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"{name} must be a bool tensor {layout}, got {got}")
-    if tuple(mask.shape) != (batch, length):
-        raise ValueError(
-            f"{name} must have shape {layout} = {(batch, length)}, got {describe(mask)}"
-        )
-    return mask
-
-
-def check_state_keys(state, expected: tuple[str, ...]) -> None:
-    """Require a dict with exactly the keys `expected`."""
-    if not isinstance(state, dict) or set(state) != set(expected):
-        got = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"state must be a dict with keys {sorted(expected)}, got {got}")

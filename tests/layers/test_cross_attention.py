@@ -7,45 +7,25 @@ import math
 
 import pytest
 import torch
-from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-    Qwen2_5_VLAttention,
-    Qwen2_5_VLRMSNorm,
-    repeat_kv,
-)
+from layer_teachers import HEAD_DIM, HEADS, HIDDEN, KV_HEADS, teacher_attention, text_config
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm, repeat_kv
 
 from linvid.layers.base import MixerContext
 from linvid.layers.cross_attention import GatedCrossAttention
 
-HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 64, 4, 2, 16
 
-
-def tiny_config():
-    config = Qwen2_5_VLTextConfig(
-        hidden_size=HIDDEN,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        num_hidden_layers=4,
-        intermediate_size=128,
-        vocab_size=128,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    config._attn_implementation = "eager"
-    return config
-
-
-def teacher_and_norm(seed=0):
-    """A real Qwen2.5-VL attention (biases redrawn so copying them is visible) and an RMSNorm
-    with a non-trivial weight standing in for the decoder layer's input_layernorm."""
-    torch.manual_seed(seed)
-    attention = Qwen2_5_VLAttention(tiny_config(), layer_idx=1).eval()
+def cross_attention(seed=0, open_gate=False):
+    """A real Qwen2.5-VL attention (biases redrawn so copying them is visible), an RMSNorm with
+    a non-trivial weight standing in for the decoder layer's input_layernorm, and the
+    cross-attention built from both; with open_gate, its gates are off their init."""
+    attention = teacher_attention(seed, layer_idx=1, bias_std=0.1)
     norm = Qwen2_5_VLRMSNorm(HIDDEN, eps=1e-6)
     with torch.no_grad():
-        for projection in (attention.q_proj, attention.k_proj, attention.v_proj):
-            projection.bias.normal_(0.0, 0.1)
         norm.weight.uniform_(0.5, 1.5)
-    return attention, norm
+    module = GatedCrossAttention.from_attention(attention, text_config(), norm)
+    if open_gate:
+        open_gates(module)
+    return attention, norm, module
 
 
 def open_gates(module, seed=1):
@@ -102,8 +82,7 @@ def reference_branch(attention, norm, module, hidden, context):
 
 
 def test_from_attention_copies_teacher_weights_and_holds_the_norm():
-    attention, norm = teacher_and_norm()
-    module = GatedCrossAttention.from_attention(attention, tiny_config(), norm)
+    attention, norm, module = cross_attention()
     pairs = (
         (module.query, attention.q_proj),
         (module.key, attention.k_proj),
@@ -122,8 +101,7 @@ def test_from_attention_copies_teacher_weights_and_holds_the_norm():
 
 
 def test_branch_is_exactly_zero_at_init():
-    attention, norm = teacher_and_norm()
-    module = GatedCrossAttention.from_attention(attention, tiny_config(), norm)
+    _, _, module = cross_attention()
     hidden, context = batch_with_scenes()
     with torch.no_grad():
         output, state = module(hidden, context)
@@ -133,9 +111,7 @@ def test_branch_is_exactly_zero_at_init():
 
 
 def test_branch_matches_reference_and_is_zero_off_text_tokens():
-    attention, norm = teacher_and_norm()
-    module = GatedCrossAttention.from_attention(attention, tiny_config(), norm)
-    open_gates(module)
+    attention, norm, module = cross_attention(open_gate=True)
     hidden, context = batch_with_scenes()
     with torch.no_grad():
         output, _ = module(hidden, context)
@@ -147,9 +123,7 @@ def test_branch_matches_reference_and_is_zero_off_text_tokens():
 
 
 def test_samples_without_scenes_get_zero_and_no_nan():
-    attention, norm = teacher_and_norm()
-    module = GatedCrossAttention.from_attention(attention, tiny_config(), norm)
-    open_gates(module)
+    _, _, module = cross_attention(open_gate=True)
     hidden, context = batch_with_scenes()
     context.scene_mask[1] = False
     output, _ = module(hidden, context)
@@ -166,9 +140,7 @@ def test_samples_without_scenes_get_zero_and_no_nan():
 
 
 def test_decoding_uses_the_scenes_cached_in_the_state():
-    attention, norm = teacher_and_norm()
-    module = GatedCrossAttention.from_attention(attention, tiny_config(), norm)
-    open_gates(module)
+    _, _, module = cross_attention(open_gate=True)
     hidden, context = batch_with_scenes(length=9)
     with torch.no_grad():
         full, _ = module(hidden, context)
@@ -190,8 +162,7 @@ def test_decoding_uses_the_scenes_cached_in_the_state():
 
 
 def test_static_gate_gets_a_gradient_at_init_and_opens_the_rest():
-    attention, norm = teacher_and_norm()
-    module = GatedCrossAttention.from_attention(attention, tiny_config(), norm)
+    _, _, module = cross_attention()
     hidden, context = batch_with_scenes()
     target = torch.randn_like(hidden)
     output, _ = module(hidden, context)
@@ -210,14 +181,12 @@ def test_static_gate_gets_a_gradient_at_init_and_opens_the_rest():
 
 
 def test_bf16_runs_and_stays_close_to_float32():
-    attention, norm = teacher_and_norm()
-    module = GatedCrossAttention.from_attention(attention, tiny_config(), norm)
-    open_gates(module)
+    attention, norm, module = cross_attention(open_gate=True)
     hidden, context = batch_with_scenes()
     with torch.no_grad():
         reference, _ = module(hidden, context)
         half = GatedCrossAttention.from_attention(
-            attention.to(torch.bfloat16), tiny_config(), norm.to(torch.bfloat16)
+            attention.to(torch.bfloat16), text_config(), norm.to(torch.bfloat16)
         )
         open_gates(half)
         output, state = half(hidden.to(torch.bfloat16), context)
@@ -227,8 +196,7 @@ def test_bf16_runs_and_stays_close_to_float32():
 
 
 def test_bad_inputs_raise_value_errors_naming_the_argument():
-    attention, norm = teacher_and_norm()
-    module = GatedCrossAttention.from_attention(attention, tiny_config(), norm)
+    _, norm, module = cross_attention()
     hidden, context = batch_with_scenes()
     bad = MixerContext(scene_tokens=torch.randn(2, 5, HIDDEN + 1))
     with pytest.raises(ValueError, match="context.scene_tokens"):

@@ -6,18 +6,14 @@ head_dim 16."""
 
 import pytest
 import torch
-from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-    Qwen2_5_VLAttention,
-    Qwen2_5_VLRMSNorm,
-)
+from layer_teachers import HEAD_DIM, HEADS, HIDDEN, KV_HEADS, teacher_attention, text_config
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
 
 from linvid.layers.base import MixerContext
 from linvid.layers.cross_attention import GatedCrossAttention
 from linvid.layers.hybrid_rwkv import HybridRWKVMixer
 from linvid.layers.rwkv6 import RWKV6TimeMix
 
-HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 64, 4, 2, 16
 STATE_KEYS = {
     "time_mix.shift",
     "time_mix.wkv",
@@ -27,31 +23,12 @@ STATE_KEYS = {
 }
 
 
-def tiny_config():
-    config = Qwen2_5_VLTextConfig(
-        hidden_size=HIDDEN,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        num_hidden_layers=4,
-        intermediate_size=128,
-        vocab_size=128,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    config._attn_implementation = "eager"
-    return config
-
-
 def hybrid(seed=0, open_gate=True):
     """A hybrid mixer from a real Qwen2.5-VL attention; with open_gate, g_s and the token shift
     are moved off their init so both branches and the shift state matter."""
-    torch.manual_seed(seed)
-    attention = Qwen2_5_VLAttention(tiny_config(), layer_idx=3).eval()
+    attention = teacher_attention(seed, layer_idx=3, bias_std=0.1)
     norm = Qwen2_5_VLRMSNorm(HIDDEN, eps=1e-6)
-    with torch.no_grad():
-        for projection in (attention.q_proj, attention.k_proj, attention.v_proj):
-            projection.bias.normal_(0.0, 0.1)
-    mixer = HybridRWKVMixer.from_attention(attention, tiny_config(), norm)
+    mixer = HybridRWKVMixer.from_attention(attention, text_config(), norm)
     if open_gate:
         with torch.no_grad():
             mixer.cross_attention.static_gate.fill_(0.8)

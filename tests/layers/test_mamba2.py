@@ -7,49 +7,18 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-    Qwen2_5_VLAttention,
-    Qwen2_5_VLRotaryEmbedding,
+from layer_teachers import (
+    HEAD_DIM,
+    HEADS,
+    HIDDEN,
+    KV_HEADS,
+    teacher_attention,
+    teacher_output,
+    text_config,
 )
 
 from linvid.layers.base import MixerContext
 from linvid.layers.mamba2 import SILU_FIXED_POINT, Mamba2Mixer
-
-HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 64, 4, 2, 16
-
-
-def text_config(**overrides) -> Qwen2_5_VLTextConfig:
-    settings = {
-        "hidden_size": HIDDEN,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": [2, 3, 3],
-        },
-    }
-    config = Qwen2_5_VLTextConfig(**(settings | overrides))
-    config._attn_implementation = "eager"
-    return config
-
-
-def teacher(seed: int = 0) -> Qwen2_5_VLAttention:
-    torch.manual_seed(seed)
-    return Qwen2_5_VLAttention(text_config(), layer_idx=0)
-
-
-def teacher_output(attention: Qwen2_5_VLAttention, hidden: torch.Tensor) -> torch.Tensor:
-    """The teacher's causal attention output (text positions for all three rotary sections)."""
-    batch, length, _ = hidden.shape
-    positions = torch.arange(length)[None, None].expand(3, batch, length)
-    rotary = Qwen2_5_VLRotaryEmbedding(text_config())(hidden, positions)
-    causal = torch.full((length, length), float("-inf")).triu(1)[None, None]
-    output, _ = attention(hidden, attention_mask=causal, position_embeddings=rotary)
-    return output
 
 
 def random_mixer(seed: int = 0, **options) -> Mamba2Mixer:
@@ -115,7 +84,7 @@ def test_forward_matches_float64_reference():
 
 
 def test_from_attention_maps_teacher_weights_tensor_by_tensor():
-    attention = teacher()
+    attention = teacher_attention()
     mixer = Mamba2Mixer.from_attention(attention, text_config())
     pairs = (
         (mixer.c_proj, attention.q_proj),
@@ -153,7 +122,7 @@ def test_from_attention_maps_teacher_weights_tensor_by_tensor():
 
 
 def test_conv_starts_as_identity_tap():
-    attention = teacher()
+    attention = teacher_attention()
     mixer = Mamba2Mixer.from_attention(attention, text_config())
     weight = mixer.scan.conv.weight[:, 0]
     assert torch.equal(weight[:, -1], torch.ones(weight.shape[0]))
@@ -171,7 +140,7 @@ def test_conv_starts_as_identity_tap():
 
 def test_grouped_query_heads_read_kv_head_h_over_group_size():
     """Query heads 2h and 2h+1 read kv head h (repeat_kv), for both x and B."""
-    mixer = Mamba2Mixer.from_attention(teacher(), text_config())
+    mixer = Mamba2Mixer.from_attention(teacher_attention(), text_config())
     hidden = torch.randn(2, 9, HIDDEN)
     with torch.no_grad():
         mixer.scan.D.zero_()  # y is then the SSD term only: zero when x or B is zero
@@ -199,7 +168,7 @@ def test_grouped_query_heads_read_kv_head_h_over_group_size():
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_output_at_init_is_on_the_teacher_scale(seed):
-    attention = teacher(seed)
+    attention = teacher_attention(seed)
     mixer = Mamba2Mixer.from_attention(attention, text_config())
     hidden = torch.randn(2, 24, HIDDEN)
     with torch.no_grad():
@@ -215,7 +184,7 @@ def test_prefill_in_chunks_and_decoding_equal_one_forward(build, conv_kernel):
     if build == "random":
         mixer = random_mixer(chunk_size=4, conv_kernel=conv_kernel)
     else:
-        mixer = Mamba2Mixer.from_attention(teacher(), text_config(), chunk_size=4)
+        mixer = Mamba2Mixer.from_attention(teacher_attention(), text_config(), chunk_size=4)
     hidden = torch.randn(2, 13, HIDDEN)
     context = MixerContext.empty(2)
     full, full_state = mixer(hidden, context)
@@ -258,7 +227,7 @@ def test_left_padding_does_not_change_real_tokens():
 
 
 def test_bfloat16_runs_with_float32_state():
-    mixer = Mamba2Mixer.from_attention(teacher(), text_config())
+    mixer = Mamba2Mixer.from_attention(teacher_attention(), text_config())
     hidden = torch.randn(2, 12, HIDDEN)
     expected, _ = mixer(hidden, MixerContext.empty(2))
     mixer = mixer.to(torch.bfloat16)
@@ -272,7 +241,7 @@ def test_bfloat16_runs_with_float32_state():
 
 
 def test_gradients_reach_every_parameter():
-    mixer = Mamba2Mixer.from_attention(teacher(), text_config())
+    mixer = Mamba2Mixer.from_attention(teacher_attention(), text_config())
     hidden = torch.randn(2, 9, HIDDEN, requires_grad=True)
     output, _ = mixer(hidden, MixerContext.empty(2))
     output.square().mean().backward()
@@ -301,13 +270,13 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
     with pytest.raises(ValueError, match=r"state\['ssm'\]"):
         mixer(hidden[:1], MixerContext.empty(1), {"conv": state["conv"][:1], "ssm": state["ssm"]})
     with pytest.raises(ValueError, match="attention.q_proj"):
-        Mamba2Mixer.from_attention(teacher(), text_config(hidden_size=32))
+        Mamba2Mixer.from_attention(teacher_attention(), text_config(hidden_size=32))
     with pytest.raises(ValueError, match="attention.k_proj"):
-        Mamba2Mixer.from_attention(teacher(), text_config(num_attention_heads=8))
+        Mamba2Mixer.from_attention(teacher_attention(), text_config(num_heads=8))
     with pytest.raises(ValueError, match="attention.q_proj must be an nn.Linear"):
         Mamba2Mixer.from_attention(torch.nn.Module(), text_config())
     with pytest.raises(ValueError, match="num_key_value_heads"):
-        Mamba2Mixer.from_attention(teacher(), text_config(num_key_value_heads=3))
+        Mamba2Mixer.from_attention(teacher_attention(), text_config(num_key_value_heads=3))
     with pytest.raises(ValueError, match="num_heads"):
         Mamba2Mixer(HIDDEN, 4, HEAD_DIM, num_key_value_heads=3)
     with pytest.raises(ValueError, match="conv_kernel"):

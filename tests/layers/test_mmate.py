@@ -3,12 +3,18 @@ Qwen2_5_VLAttention (eq. 4-5), the Rotary Major Scan per layer and per sample, t
 reverse direction (eq. 2), Local-Swin against window_attention_3d, the fusion, state carrying,
 padding, dtype and input checks."""
 
+import functools
+
 import pytest
 import torch
-from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-    Qwen2_5_VLAttention,
-    Qwen2_5_VLRotaryEmbedding,
+from layer_teachers import (
+    HEAD_DIM,
+    HEADS,
+    HIDDEN,
+    KV_HEADS,
+    teacher_attention,
+    teacher_output,
+    text_config,
 )
 
 from linvid.layers.base import MixerContext, VideoLayout
@@ -17,33 +23,11 @@ from linvid.layers.mmate import MMATE, FlexMA, LocalSwin
 from linvid.ops.scan import rms_sequence_permutation
 from linvid.ops.window_attention import window_attention_3d
 
-HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 64, 4, 2, 16
 LENGTH = 19
 # Per sample (text before, grid, text after): different layouts in one batch.
 LAYOUTS = ((3, (2, 2, 3), 4), (2, (3, 2, 2), 5))
-
-
-def text_config(**overrides) -> Qwen2_5_VLTextConfig:
-    settings = {
-        "hidden_size": HIDDEN,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": [2, 3, 3],
-        },
-    }
-    config = Qwen2_5_VLTextConfig(**(settings | overrides))
-    config._attn_implementation = "eager"
-    return config
-
-
-def teacher(seed: int = 0, layer_idx: int = 1) -> Qwen2_5_VLAttention:
-    torch.manual_seed(seed)
-    return Qwen2_5_VLAttention(text_config(), layer_idx=layer_idx)
+# Layer 1: an odd layer, so Local-Swin shifts its windows.
+teacher = functools.partial(teacher_attention, layer_idx=1)
 
 
 def video_context(layouts=LAYOUTS, length=LENGTH, offsets=None, padding=None) -> MixerContext:
@@ -130,11 +114,8 @@ def test_output_at_init_is_on_the_teacher_scale():
     attention = teacher()
     block = MMATE.from_attention(attention, text_config())
     hidden = torch.randn(2, LENGTH, HIDDEN)
-    positions = torch.arange(LENGTH)[None, None].expand(3, 2, LENGTH)
-    rotary = Qwen2_5_VLRotaryEmbedding(text_config())(hidden, positions)
-    causal = torch.full((LENGTH, LENGTH), float("-inf")).triu(1)[None, None]
     with torch.no_grad():
-        expected, _ = attention(hidden, attention_mask=causal, position_embeddings=rotary)
+        expected = teacher_output(attention, hidden)
         output, _ = block(hidden, video_context())
     assert bool(output.isfinite().all())
     ratio = output.std() / expected.std()

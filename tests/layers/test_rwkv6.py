@@ -3,51 +3,26 @@ float64 loop written here from the x060 equations, the mixer convention (one cal
 calls carrying the state == token by token; padding changes nothing), bf16, gradients and
 input errors. Tiny sizes: hidden 64, 4 heads, 2 kv heads, head_dim 16."""
 
+import functools
+
 import pytest
 import torch
-from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLAttention, repeat_kv
+from layer_teachers import (
+    HEAD_DIM,
+    HEADS,
+    HIDDEN,
+    KV_HEADS,
+    teacher_attention,
+    teacher_output,
+    text_config,
+)
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import repeat_kv
 
 from linvid.layers.base import MixerContext
 from linvid.layers.rwkv6 import GATE_BIAS, GROUP_NORM_EPS, SHIFT_MIX_ORDER, RWKV6TimeMix
 
-HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 64, 4, 2, 16
-
-
-def tiny_config():
-    config = Qwen2_5_VLTextConfig(
-        hidden_size=HIDDEN,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        num_hidden_layers=4,
-        intermediate_size=128,
-        vocab_size=128,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    config._attn_implementation = "eager"
-    return config
-
-
-def teacher(seed=0, bias_std=0.1, layer_idx=2):
-    """A real Qwen2.5-VL attention; biases redrawn so that copying them is visible."""
-    torch.manual_seed(seed)
-    attention = Qwen2_5_VLAttention(tiny_config(), layer_idx=layer_idx).eval()
-    if bias_std is not None:
-        with torch.no_grad():
-            for projection in (attention.q_proj, attention.k_proj, attention.v_proj):
-                projection.bias.normal_(0.0, bias_std)
-    return attention
-
-
-def run_teacher(attention, x):
-    """The teacher's causal attention output with identity rotary (cos = 1, sin = 0)."""
-    batch, length, _ = x.shape
-    cos = torch.ones(batch, length, HEAD_DIM)
-    sin = torch.zeros(batch, length, HEAD_DIM)
-    mask = torch.full((length, length), float("-inf")).triu(1).expand(batch, 1, length, length)
-    output, _ = attention(x, attention_mask=mask, position_embeddings=(cos, sin))
-    return output
+# Layer 2 of 4 (the depth of the decay spectrum), biases redrawn so that copying them is visible.
+teacher = functools.partial(teacher_attention, layer_idx=2, bias_std=0.1)
 
 
 def active_time_mix(seed=0):
@@ -127,7 +102,7 @@ def run_in_calls(module, x, sizes, context_for=None):
 
 def test_from_attention_maps_teacher_weights_head_by_head():
     attention = teacher()
-    module = RWKV6TimeMix.from_attention(attention, tiny_config())
+    module = RWKV6TimeMix.from_attention(attention, text_config())
     assert torch.equal(module.receptance.weight, attention.q_proj.weight)
     assert torch.equal(module.receptance.bias, attention.q_proj.bias)
     assert torch.equal(module.output.weight, attention.o_proj.weight)
@@ -150,7 +125,7 @@ def test_from_attention_maps_teacher_weights_head_by_head():
 
 def test_from_attention_inits_the_parts_without_a_teacher_counterpart():
     attention = teacher()
-    module = RWKV6TimeMix.from_attention(attention, tiny_config())
+    module = RWKV6TimeMix.from_attention(attention, text_config())
     assert torch.count_nonzero(module.shift_mix) == 0
     assert torch.count_nonzero(module.shift_mix_x) == 0
     assert torch.count_nonzero(module.shift_mix_down) == 0
@@ -217,7 +192,7 @@ def test_one_call_equals_calls_carrying_the_state(sizes):
 
 
 def test_left_padding_does_not_change_real_tokens():
-    module = RWKV6TimeMix.from_attention(teacher(), tiny_config())
+    module = RWKV6TimeMix.from_attention(teacher(), text_config())
     with torch.no_grad():  # turn the token shift on so that padding could leak through it
         module.shift_mix.normal_(0.0, 0.5)
     lengths = (12, 7)
@@ -265,12 +240,12 @@ def test_output_scale_at_init_is_the_teachers(bias_std):
     (weight-dominated values), 1.0 makes value biases dominate as in trained Qwen models."""
     ratios = []
     for layer_idx in range(4):
-        attention = teacher(seed=layer_idx, bias_std=bias_std, layer_idx=layer_idx)
-        module = RWKV6TimeMix.from_attention(attention, tiny_config())
+        attention = teacher_attention(seed=layer_idx, layer_idx=layer_idx, bias_std=bias_std)
+        module = RWKV6TimeMix.from_attention(attention, text_config())
         x = torch.randn(4, 16, HIDDEN)
         with torch.no_grad():
             ours, _ = module(x)
-            theirs = run_teacher(attention, x)
+            theirs = teacher_output(attention, x, rotary=False)
         assert torch.isfinite(ours).all()
         ratios.append(ours.std().item() / theirs.std().item())
     assert all(1 / 3 < ratio < 3 for ratio in ratios), ratios
@@ -278,11 +253,11 @@ def test_output_scale_at_init_is_the_teachers(bias_std):
 
 def test_bf16_runs_and_stays_close_to_float32():
     attention = teacher()
-    module = RWKV6TimeMix.from_attention(attention, tiny_config())
+    module = RWKV6TimeMix.from_attention(attention, text_config())
     x = torch.randn(2, 20, HIDDEN)
     with torch.no_grad():
         reference, _ = module(x)
-        half_module = RWKV6TimeMix.from_attention(attention.to(torch.bfloat16), tiny_config())
+        half_module = RWKV6TimeMix.from_attention(attention.to(torch.bfloat16), text_config())
         assert half_module.receptance.weight.dtype == torch.bfloat16
         output, state = half_module(x.to(torch.bfloat16))
         step, step_state = half_module(x[:, :1].to(torch.bfloat16), None, state)
@@ -293,7 +268,7 @@ def test_bf16_runs_and_stays_close_to_float32():
 
 
 def test_gradients_reach_every_new_parameter_within_two_steps():
-    module = RWKV6TimeMix.from_attention(teacher(), tiny_config())
+    module = RWKV6TimeMix.from_attention(teacher(), text_config())
     x = torch.randn(2, 12, HIDDEN)
     target = torch.randn(2, 12, HIDDEN)
     optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
@@ -331,7 +306,7 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
         RWKV6TimeMix(HIDDEN, HEADS, HEAD_DIM, layer_idx=4, num_layers=4)
     with pytest.raises(ValueError, match="head_dim"):
         RWKV6TimeMix(HIDDEN, HEADS, 0)
-    config = tiny_config()
+    config = text_config()
     config.head_dim = 8  # no longer the teacher's layout
     with pytest.raises(ValueError, match="attention.q_proj.weight"):
         RWKV6TimeMix.from_attention(teacher(), config)

@@ -67,10 +67,14 @@ def test_student_logits_at_init_are_finite_and_follow_the_teacher(teacher, video
     assert correlation[0, 1] > 0.5
 
 
+@pytest.mark.parametrize("padded_batch", [False, True])
 @pytest.mark.parametrize("name", sorted(PLANS))
-def test_prefill_then_decoding_equals_one_full_forward(teacher, name):
+def test_prefill_then_decoding_equals_one_full_forward(teacher, name, padded_batch):
     student = linvid.convert(teacher, PLANS[name])
-    inputs = batch_inputs([video_sample(suffix=(6, 7, 8, 9, 10, 11))])
+    samples = [video_sample(suffix=(6, 7, 8, 9, 10, 11))]
+    if padded_batch:  # a second, shorter sample: left padding in the prefill
+        samples.append(video_sample(frames=2, width=56, suffix=(9, 8, 7, 6, 5, 4), seed=3))
+    inputs = batch_inputs(samples)
     full = logits_of(student, inputs)
     decode_steps = 4
     # M-RoPE positions of the whole sequence, as generate() passes them step by step.
@@ -185,3 +189,17 @@ def test_paper_000_placements_on_28_layers():
     assert early.layer_indices(28) == (0, 4, 8, 12, 16, 20, 24)
     ablation = ConversionPlan(mixer="rwkv6_hybrid", layers=(6, 13, 20, 27))
     assert ablation.layer_indices(28) == (6, 13, 20, 27)
+
+
+@pytest.mark.parametrize("mixer", ["rwkv6", "mamba2", "mmate", "rwkv6_hybrid"])
+def test_random_init_draws_new_projections(teacher, video_inputs, mixer):
+    transfer = linvid.convert(teacher, ConversionPlan(mixer=mixer, layers=(1,)))
+    random = linvid.convert(teacher, ConversionPlan(mixer=mixer, layers=(1,), init="random"))
+    query = teacher.model.language_model.layers[1].self_attn.q_proj.weight
+
+    def copies_query(student):
+        weights = student.model.language_model.layers[1].self_attn.mixer.parameters()
+        return any(w.shape == query.shape and torch.equal(w, query) for w in weights)
+
+    assert copies_query(transfer) and not copies_query(random)
+    assert torch.isfinite(logits_of(random, video_inputs)).all()

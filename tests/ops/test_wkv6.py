@@ -163,47 +163,36 @@ def test_two_calls_carrying_the_state_equal_one_call(case, split, chunk_sizes, s
     first, second = slice(0, cut), slice(cut, None)
     size, state_size = magnitude(r, k, v, w, u, scale=scale, initial_state=state)
 
+    def halves(form, first_options, second_options):
+        head, middle = form(
+            *(tensor[:, first] for tensor in (r, k, v, w)),
+            u,
+            scale=scale,
+            initial_state=state,
+            **first_options,
+        )
+        tail, end = form(
+            *(tensor[:, second] for tensor in (r, k, v, w)),
+            u,
+            scale=scale,
+            initial_state=middle,
+            **second_options,
+        )
+        return torch.cat([head, tail], dim=1), end
+
     whole, whole_state = wkv6_recurrent(r, k, v, w, u, scale=scale, initial_state=state)
-    head, middle = wkv6_recurrent(
-        r[:, first], k[:, first], v[:, first], w[:, first], u, scale=scale, initial_state=state
-    )
-    tail, end = wkv6_recurrent(
-        r[:, second],
-        k[:, second],
-        v[:, second],
-        w[:, second],
-        u,
-        scale=scale,
-        initial_state=middle,
-    )
+    joined, end = halves(wkv6_recurrent, {}, {})
     # The reference does the same float32 operations either way: bitwise equal.
-    assert torch.equal(torch.cat([head, tail], dim=1), whole)
+    assert torch.equal(joined, whole)
     assert torch.equal(end, whole_state)
 
     whole, whole_state = wkv6_chunk(
         r, k, v, w, u, scale=scale, initial_state=state, chunk_size=chunk_sizes[0]
     )
-    head, middle = wkv6_chunk(
-        r[:, first],
-        k[:, first],
-        v[:, first],
-        w[:, first],
-        u,
-        scale=scale,
-        initial_state=state,
-        chunk_size=chunk_sizes[0],
+    joined, end = halves(
+        wkv6_chunk, dict(chunk_size=chunk_sizes[0]), dict(chunk_size=chunk_sizes[1])
     )
-    tail, end = wkv6_chunk(
-        r[:, second],
-        k[:, second],
-        v[:, second],
-        w[:, second],
-        u,
-        scale=scale,
-        initial_state=middle,
-        chunk_size=chunk_sizes[1],
-    )
-    assert_close(torch.cat([head, tail], dim=1), whole, size)
+    assert_close(joined, whole, size)
     assert_close(end, whole_state, state_size)
 
 
