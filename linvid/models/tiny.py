@@ -19,16 +19,33 @@ def tiny_qwen2_5_vl_config(
     vocab_size: int = 64,
     vision_hidden_size: int = 32,
     attention_implementation: str = "sdpa",
+    token_ids: dict | None = None,
 ) -> Qwen2_5_VLConfig:
     """A Qwen2.5-VL config with `num_layers` decoder layers of width `hidden_size`; patch 14,
-    temporal patch 2, spatial merge 2 (a 56x56 frame pair is 4 LLM tokens)."""
+    temporal patch 2, spatial merge 2 (a 56x56 frame pair is 4 LLM tokens).
+
+    token_ids: vocab_size and the special token ids from a tokenizer
+    (`linvid.models.tokenizer.token_ids`); by default a 64-word vocabulary whose last four ids
+    are the image, video, vision-start and vision-end tokens."""
+    ids = {
+        "vocab_size": vocab_size,
+        "image_token_id": IMAGE_TOKEN,
+        "video_token_id": VIDEO_TOKEN,
+        "vision_start_token_id": VISION_START,
+        "vision_end_token_id": VISION_END,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 2,
+    }
+    ids.update(token_ids or {})
+    special = {key: ids[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
     head_dim = hidden_size // num_heads
     # M-RoPE splits head_dim / 2 rotary frequencies into (temporal, height, width) sections.
     quarter = head_dim // 2 // 4
     mrope_section = [head_dim // 2 - 2 * quarter, quarter, quarter]
     config = Qwen2_5_VLConfig(
         text_config={
-            "vocab_size": vocab_size,
+            "vocab_size": ids["vocab_size"],
             "hidden_size": hidden_size,
             "intermediate_size": intermediate_size,
             "num_hidden_layers": num_layers,
@@ -40,9 +57,7 @@ def tiny_qwen2_5_vl_config(
                 "rope_theta": 10000.0,
                 "mrope_section": mrope_section,
             },
-            "bos_token_id": 0,
-            "eos_token_id": 1,
-            "pad_token_id": 2,
+            **special,
         },
         vision_config={
             "depth": 1,
@@ -56,13 +71,11 @@ def tiny_qwen2_5_vl_config(
             "window_size": 56,
             "fullatt_block_indexes": [0],
         },
-        image_token_id=IMAGE_TOKEN,
-        video_token_id=VIDEO_TOKEN,
-        vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
+        image_token_id=ids["image_token_id"],
+        video_token_id=ids["video_token_id"],
+        vision_start_token_id=ids["vision_start_token_id"],
+        vision_end_token_id=ids["vision_end_token_id"],
+        **special,
     )
     config._attn_implementation = attention_implementation
     return config
