@@ -194,7 +194,9 @@ def build_context(
         if not bool(current.all()):
             padding_mask = current
 
-    token_types = _token_types(config, input_ids, mm_token_type_ids, length)
+    token_types = _token_types(
+        config, input_ids, mm_token_type_ids, length, image_grid_thw, video_grid_thw
+    )
     if token_types is None:
         return MixerContext(padding_mask=padding_mask, videos=[[] for _ in range(batch)])
     vision_mask = token_types > 0
@@ -248,14 +250,21 @@ def build_context(
     )
 
 
-def _token_types(config, input_ids, mm_token_type_ids, length):
+def _token_types(config, input_ids, mm_token_type_ids, length, image_grid_thw, video_grid_thw):
+    """(B, L) 0 text / 1 image / 2 video, or None when the call has no vision tokens.
+
+    Without mm_token_type_ids, placeholders in input_ids count only for a modality whose grid
+    is given: a generated token that happens to be a placeholder id is text."""
     if mm_token_type_ids is not None:
-        return mm_token_type_ids[:, -length:]
+        types = mm_token_type_ids[:, -length:]
+        return types if bool(types.any()) else None
     if input_ids is None:
         return None
     types = torch.zeros_like(input_ids)
-    types[input_ids == config.image_token_id] = IMAGE_TYPE
-    types[input_ids == config.video_token_id] = VIDEO_TYPE
+    if image_grid_thw is not None:
+        types[input_ids == config.image_token_id] = IMAGE_TYPE
+    if video_grid_thw is not None:
+        types[input_ids == config.video_token_id] = VIDEO_TYPE
     return types if bool(types.any()) else None
 
 
