@@ -46,7 +46,7 @@ from linvid.ops.tome import (
 )
 from linvid.ops.validation import check_positive_int
 
-# AuroraLong's language stage keeps 10% of the visual tokens (paper 001 §3.2.4, §4.3.1).
+# AuroraLong's language stage keeps 10% of the visual tokens (paper 001 §3.3 and Table 1).
 DEFAULT_KEEP_RATIO = 0.1
 # Attention implementations that accept an additive float mask (the log(size) bias).
 BIAS_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -141,8 +141,9 @@ def apply_tome(
     paper's choice; "descending"; "none": ToMe's order) orders each layer's output by size;
     the first `protected` tokens (a class token) never merge; the last `skip_last` layers do
     not merge (they still use proportional attention). Calling it on a patched model replaces
-    the settings. Gradient checkpointing of the patched layers is not supported: the layers
-    share per-forward state that a recomputation would advance twice.
+    the settings. Training works; gradient checkpointing does not (a recomputed layer would
+    advance the shared per-forward state twice), and a forward in training mode with it
+    enabled raises ValueError.
     """
     keep_ratio, r = _resolve_amount(keep_ratio, r)
     if order not in ORDERS:
@@ -163,13 +164,15 @@ def apply_tome(
         "schedule": [],
         "size": None,
         "merges": [],
-        "layer": 0,
+        "next_layer": 0,
     }
     targets = [(encoder, _ToMeEncoder)]
     for layer in encoder.layers:
         targets += [(layer, _ToMeEncoderLayer), (layer.self_attn, _ToMeAttention)]
     head = getattr(vision_model, "head", None)
-    if head is not None:
+    if isinstance(getattr(head, "attention", None), nn.MultiheadAttention) and hasattr(
+        head, "probe"
+    ):
         targets.append((head, _ToMePoolingHead))
     for module, mixin in targets:
         module.__class__ = _patched_class(mixin, type(module))
@@ -212,7 +215,9 @@ def patch_to_token_merge(vision_model: nn.Module) -> TokenMerge:
     destination = merges[0].destination
     for merge in merges[1:]:
         destination = merge.destination.gather(1, destination)
-    return TokenMerge(destination=destination, input_size=merges[0].input_size, size=merges[-1].size)
+    return TokenMerge(
+        destination=destination, input_size=merges[0].input_size, size=merges[-1].size
+    )
 
 
 def _checked_encoder(vision_model: nn.Module) -> nn.Module:
@@ -235,6 +240,12 @@ def _checked_encoder(vision_model: nn.Module) -> nn.Module:
     return encoder
 
 
+def _size_bias(size: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """log(size) as (B, 1, 1, N) in `dtype` (SDPA wants the mask in the query dtype), with
+    the log taken in at least float32 and in float64 for a float64 model."""
+    return proportional_attention_bias(size.to(torch.promote_types(size.dtype, dtype))).to(dtype)
+
+
 @functools.cache
 def _patched_class(mixin: type, base: type) -> type:
     """`base` with `mixin`'s forward in front; `__bases__[1]` gives the original back."""
@@ -255,6 +266,14 @@ class _ToMeEncoder:
             protected=state["protected"],
             skip_last=state["skip_last"],
         )
+        if self.training and any(
+            getattr(layer, "gradient_checkpointing", False) for layer in self.layers
+        ):
+            # A recomputed layer would advance the shared per-forward state a second time.
+            raise ValueError(
+                "ToMe in the vision tower does not support gradient checkpointing; call "
+                "vision_model.activation_checkpointing_disable() or remove_tome(vision_model)"
+            )
         implementation = self.config._attn_implementation
         if any(state["schedule"]) and implementation not in BIAS_IMPLEMENTATIONS:
             raise ValueError(
@@ -264,7 +283,7 @@ class _ToMeEncoder:
             )
         state["size"] = torch.ones(batch, tokens, dtype=torch.float32, device=inputs_embeds.device)
         state["merges"] = []
-        state["layer"] = 0
+        state["next_layer"] = 0
         return super().forward(inputs_embeds, attention_mask, **kwargs)
 
 
@@ -277,20 +296,22 @@ class _ToMeEncoderLayer:
             # A per-patch mask (padded patches) would have to be merged along with the tokens.
             raise ValueError(
                 "ToMe in the vision tower does not support an attention mask over patches; "
-                "got one of shape " + str(tuple(attention_mask.shape))
+                f"got one of shape {tuple(attention_mask.shape)}"
             )
         state = self._tome_state
-        r = state["schedule"][state["layer"]]
-        state["layer"] += 1
+        r = state["schedule"][state["next_layer"]]
+        state["next_layer"] += 1
         # Until the first merge every size is 1 and the bias is a no-op: skip it so that an
         # unmerged forward runs exactly SigLIP's computation.
         bias = None
         if state["merges"]:
-            bias = proportional_attention_bias(state["size"]).to(hidden_states.dtype)
+            bias = _size_bias(state["size"], hidden_states.dtype)
 
         residual = hidden_states
         hidden_states = self.layer_norm1(hidden_states)
-        hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=bias, **kwargs)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states, attention_mask=bias, **kwargs
+        )
         hidden_states = residual + hidden_states
         keys = state.pop("keys")  # (B, N, head_dim): the merge metric, keys averaged over heads
         if r > 0:
@@ -349,7 +370,7 @@ class _ToMePoolingHead:
         batch, tokens = state["size"].shape
         heads = self.attention.num_heads
         # nn.MultiheadAttention takes a per-head float mask laid out (B * heads, queries, keys).
-        bias = proportional_attention_bias(state["size"]).to(hidden_state.dtype)
+        bias = _size_bias(state["size"], hidden_state.dtype)
         bias = bias.expand(batch, heads, 1, tokens).reshape(batch * heads, 1, tokens)
         probe = self.probe.repeat(batch, 1, 1)
         pooled = self.attention(probe, hidden_state, hidden_state, attn_mask=bias)[0]
