@@ -69,6 +69,7 @@ class LinvidQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         self,
         input_ids=None,
         attention_mask=None,
+        position_ids=None,
         past_key_values=None,
         inputs_embeds=None,
         use_cache=None,
@@ -118,6 +119,7 @@ class LinvidQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
             return super().forward(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
+                position_ids=position_ids,
                 past_key_values=past_key_values,
                 inputs_embeds=inputs_embeds,
                 use_cache=use_cache,

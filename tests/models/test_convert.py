@@ -203,3 +203,20 @@ def test_random_init_draws_new_projections(teacher, video_inputs, mixer):
 
     assert copies_query(transfer) and not copies_query(random)
     assert torch.isfinite(logits_of(random, video_inputs)).all()
+
+
+def test_empty_plan_generates_like_the_teacher(teacher):
+    inputs = batch_inputs([video_sample(frames=16)])
+    student = linvid.convert(teacher, ConversionPlan(mixer="rwkv6", layers=()))
+    settings = {
+        "max_new_tokens": 6,
+        "do_sample": False,
+        "output_logits": True,
+        "return_dict_in_generate": True,
+    }
+    with torch.no_grad():
+        expected = teacher.generate(**inputs, **settings)
+        got = student.generate(**inputs, **settings)
+    assert torch.equal(got.sequences, expected.sequences)
+    for step_logits, reference in zip(got.logits, expected.logits, strict=True):
+        torch.testing.assert_close(step_logits, reference, rtol=1e-5, atol=1e-5)
