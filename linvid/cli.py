@@ -31,6 +31,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_ops.add_arguments(ops)
     ops.set_defaults(run=bench_ops.main_from_arguments)
+    from linvid.bench import video_io as bench_video_io
+
+    video_io = bench_commands.add_parser(
+        "video-io",
+        help="peak memory of loading a long video against the size of the sampled frames",
+        description=bench_video_io.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench_video_io.add_arguments(video_io)
+    video_io.set_defaults(run=bench_video_io.main_from_arguments)
+
+    scenes = commands.add_parser(
+        "scenes",
+        help="find a video's scene cuts and draw them on a contact sheet",
+        description="Sample a video, compare adjacent frames by their downsampled pixels and "
+        "cut it with scene_boundaries (paper 000 eq. 8-9). Inside a model the cut uses the "
+        "vision tower's frame tokens; pixels let you see the cuts and tune tau beforehand.",
+    )
+    scenes.add_argument("video", help="video file")
+    scenes.add_argument("--out", help="PNG contact sheet to write (thumbnails + similarity)")
+    scenes.add_argument("--fps", type=float, default=1.0, help="frames sampled per second")
+    scenes.add_argument("--max-frames", type=int, default=256, help="cap on sampled frames")
+    scenes.add_argument("--tau", type=float, default=0.6, help="cut where similarity < tau")
+    scenes.add_argument("--max-scenes", type=int, default=16, help="at most this many scenes")
+    scenes.add_argument("--thumb-size", type=int, default=96, help="thumbnail long side (px)")
+    scenes.add_argument("--start", type=float, help="first second to sample")
+    scenes.add_argument("--end", type=float, help="sample before this second")
+    scenes.add_argument("--json", action="store_true", help="print the cuts as JSON")
+    scenes.set_defaults(run=run_scenes)
 
     convert = commands.add_parser(
         "convert",
@@ -74,6 +103,34 @@ def run_convert(arguments: argparse.Namespace) -> int:
     plan = dataclasses.replace(plan, **overrides)
     out = convert_checkpoint(arguments.model, plan, arguments.out)
     print(f"converted {arguments.model} with plan {plan.to_dict()} -> {out}")
+    return 0
+
+
+def run_scenes(arguments: argparse.Namespace) -> int:
+    import json
+
+    from linvid.video.contact_sheet import draw_contact_sheet, find_scene_cuts
+
+    if arguments.thumb_size < 8:
+        raise ValueError(f"--thumb-size must be >= 8 pixels, got {arguments.thumb_size}")
+    cuts = find_scene_cuts(
+        arguments.video,
+        fps=arguments.fps,
+        max_frames=arguments.max_frames,
+        tau=arguments.tau,
+        max_scenes=arguments.max_scenes,
+        thumb_size=arguments.thumb_size,
+        start=arguments.start,
+        end=arguments.end,
+    )
+    if arguments.out:
+        draw_contact_sheet(cuts, arguments.out, thumb_size=arguments.thumb_size)
+    if arguments.json:
+        print(json.dumps({**cuts.to_dict(), "contact_sheet": arguments.out}, indent=2))
+    else:
+        print(cuts.describe())
+        if arguments.out:
+            print(f"contact sheet: {arguments.out}")
     return 0
 
 
