@@ -41,6 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_video_io.add_arguments(video_io)
     video_io.set_defaults(run=bench_video_io.main_from_arguments)
+    from linvid.bench import memory as bench_memory
+
+    memory = bench_commands.add_parser(
+        "memory",
+        help="peak memory of `linvid ask` against the number of frames, teacher vs student",
+        description=bench_memory.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench_memory.add_arguments(memory)
+    memory.set_defaults(run=bench_memory.main_from_arguments)
 
     scenes = commands.add_parser(
         "scenes",
@@ -81,6 +91,37 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--init", choices=("transfer", "random"), help="override")
     convert.add_argument("--out", required=True, help="output directory for the student")
     convert.set_defaults(run=run_convert)
+
+    ask = commands.add_parser(
+        "ask",
+        help="answer a question about a video with a local model (teacher or student)",
+        description="Sample a video, answer a question about it. Students whose every layer "
+        "is a causal linear mixer prefill the video chunk by chunk with a fixed-size state.",
+    )
+    ask.add_argument("video", help="video file")
+    ask.add_argument("question", help="the question")
+    ask.add_argument("--model", required=True, help="local model directory (with tokenizer)")
+    ask.add_argument("--fps", type=float, default=1.0, help="frames sampled per second")
+    ask.add_argument("--num-frames", type=int, help="sample exactly this many frames instead")
+    ask.add_argument("--max-frames", type=int, help="cap on sampled frames")
+    ask.add_argument("--max-pixels", type=int, default=768 * 28 * 28, help="per frame")
+    ask.add_argument("--min-pixels", type=int, default=128 * 28 * 28, help="per frame")
+    ask.add_argument("--max-new-tokens", type=int, default=32)
+    ask.add_argument(
+        "--style",
+        choices=("auto", "standard", "sandwich"),
+        default="auto",
+        help="prompt layout; auto: sandwich for all-RWKV students (paper 001)",
+    )
+    ask.add_argument(
+        "--stream",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="chunked prefill (auto: when the model can)",
+    )
+    ask.add_argument("--chunk-frames", type=int, default=32, help="frames per streamed chunk")
+    ask.add_argument("--json", action="store_true", help="print answer, timings and counts")
+    ask.set_defaults(run=run_ask)
     return parser
 
 
@@ -103,6 +144,37 @@ def run_convert(arguments: argparse.Namespace) -> int:
     plan = dataclasses.replace(plan, **overrides)
     out = convert_checkpoint(arguments.model, plan, arguments.out)
     print(f"converted {arguments.model} with plan {plan.to_dict()} -> {out}")
+    return 0
+
+
+def run_ask(arguments: argparse.Namespace) -> int:
+    import json
+
+    from linvid.eval.ask import ask_video_file
+
+    stream = {"auto": None, "on": True, "off": False}[arguments.stream]
+    fps = None if arguments.num_frames is not None else arguments.fps
+    answer, run = ask_video_file(
+        arguments.model,
+        arguments.video,
+        arguments.question,
+        fps=fps,
+        num_frames=arguments.num_frames,
+        max_frames=arguments.max_frames,
+        max_pixels=arguments.max_pixels,
+        min_pixels=arguments.min_pixels,
+        max_new_tokens=arguments.max_new_tokens,
+        style=arguments.style,
+        stream=stream,
+        chunk_frames=arguments.chunk_frames,
+        progress=not arguments.json,
+    )
+    if arguments.json:
+        result = {"answer": answer.text, "new_tokens": answer.new_tokens, **run}
+        result.update(seconds=answer.seconds, counts=answer.counts)
+        print(json.dumps(result, indent=2))
+    else:
+        print(answer.text)
     return 0
 
 
@@ -142,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return arguments.run(arguments)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         print(f"linvid {arguments.command}: error: {error}", file=sys.stderr)
         print("hint: run with --help for the expected arguments", file=sys.stderr)
         return 2

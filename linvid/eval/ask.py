@@ -12,6 +12,7 @@ Two ways to read the video:
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -200,3 +201,87 @@ def _as_chunks(chunks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
             raise ValueError(f"each frame chunk must be a (T, 3, H, W) tensor, got {chunk!r:.80}")
         if chunk.shape[0]:
             yield chunk
+
+
+def frame_chunks(frames: Iterable, chunk_frames: int) -> Iterator[torch.Tensor]:
+    """Group a stream of (3, H, W) frames (or objects with .pixels) into (t, 3, H, W) chunks
+    of `chunk_frames` (the last may be shorter)."""
+    if chunk_frames < 1:
+        raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+    chunk = []
+    for frame in frames:
+        chunk.append(getattr(frame, "pixels", frame))
+        if len(chunk) == chunk_frames:
+            yield torch.stack(chunk)
+            chunk = []
+    if chunk:
+        yield torch.stack(chunk)
+
+
+def default_style(model) -> str:
+    """ "sandwich" for all-RWKV students (paper 001 §3.2.3), "standard" otherwise."""
+    if can_stream(model) and model.plan.mixer == "rwkv6":
+        return "sandwich"
+    return "standard"
+
+
+def ask_video_file(
+    model_dir: str,
+    video: str,
+    question: str,
+    *,
+    fps: float | None = 1.0,
+    num_frames: int | None = None,
+    max_frames: int | None = None,
+    max_pixels: int = MAX_PIXELS,
+    min_pixels: int = MIN_PIXELS,
+    max_new_tokens: int = 32,
+    style: str = "auto",
+    stream: bool | None = None,
+    chunk_frames: int = 32,
+    progress: bool = False,
+) -> tuple[Answer, dict]:
+    """Load a local model directory and its tokenizer, sample `video`, answer `question`.
+
+    Streaming students read the video frame by frame in chunks of `chunk_frames` (rounded up
+    to the temporal patch); other models load the sampled frames at once. Returns the Answer
+    and a description of the run (model class, frames, streaming)."""
+    from transformers import AutoTokenizer
+
+    from linvid.models.convert import load
+    from linvid.video.io import iter_video_frames, load_video
+
+    started = time.perf_counter()
+    model = load(model_dir, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    loaded = time.perf_counter()
+    style = default_style(model) if style == "auto" else style
+    stream = can_stream(model) if stream is None else stream
+    sampling = {"fps": fps, "num_frames": num_frames, "max_frames": max_frames}
+    if stream:
+        temporal = model.config.vision_config.temporal_patch_size
+        chunk_frames = -(-chunk_frames // temporal) * temporal
+        frames = frame_chunks(
+            iter_video_frames(video, **sampling, max_pixels=max_pixels), chunk_frames
+        )
+        if progress:
+            from tqdm import tqdm
+
+            frames = tqdm(frames, desc="prefill", unit="chunk", file=sys.stderr)
+    else:
+        frames, _ = load_video(video, **sampling, max_pixels=max_pixels)
+    answer = ask(
+        model,
+        tokenizer,
+        frames,
+        question,
+        style=style,
+        max_new_tokens=max_new_tokens,
+        stream=stream,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+    )
+    answer.seconds["load_model"] = loaded - started
+    answer.seconds["total"] = time.perf_counter() - started
+    run = {"model": type(model).__name__, "style": style, "streamed": answer.streamed}
+    return answer, run
