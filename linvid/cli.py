@@ -21,36 +21,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="efficiency measurements")
     bench_commands = bench.add_subparsers(dest="bench_command", metavar="WHAT")
-    from linvid.bench import ops as bench_ops
+    from linvid.bench import memory, ops, video_io
 
-    ops = bench_commands.add_parser(
-        "ops",
-        help="time the sequence ops (WKV6, SSD) against same-run anchors",
-        description=bench_ops.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    bench_ops.add_arguments(ops)
-    ops.set_defaults(run=bench_ops.main_from_arguments)
-    from linvid.bench import video_io as bench_video_io
-
-    video_io = bench_commands.add_parser(
-        "video-io",
-        help="peak memory of loading a long video against the size of the sampled frames",
-        description=bench_video_io.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    bench_video_io.add_arguments(video_io)
-    video_io.set_defaults(run=bench_video_io.main_from_arguments)
-    from linvid.bench import memory as bench_memory
-
-    memory = bench_commands.add_parser(
-        "memory",
-        help="peak memory of `linvid ask` against the number of frames, teacher vs student",
-        description=bench_memory.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    bench_memory.add_arguments(memory)
-    memory.set_defaults(run=bench_memory.main_from_arguments)
+    for name, module, summary in (
+        ("ops", ops, "time the sequence ops (WKV6, SSD) against same-run anchors"),
+        ("video-io", video_io, "peak memory of loading a long video against its sampled frames"),
+        ("memory", memory, "peak memory of `linvid ask` against the number of frames"),
+    ):
+        benchmark = bench_commands.add_parser(
+            name,
+            help=summary,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(benchmark)
+        benchmark.set_defaults(run=module.main_from_arguments)
 
     scenes = commands.add_parser(
         "scenes",
