@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="chunked prefill (auto: when the model can)",
     )
     ask.add_argument("--chunk-frames", type=int, default=32, help="frames per streamed chunk")
+    ask.add_argument(
+        "--tokens-per-frame",
+        type=int,
+        help="merge each frame's vision tokens to this many (ToMe, paper 002: 16)",
+    )
     ask.add_argument("--json", action="store_true", help="print answer, timings and counts")
     ask.set_defaults(run=run_ask)
     return parser
@@ -152,6 +157,7 @@ def run_ask(arguments: argparse.Namespace) -> int:
         style=arguments.style,
         stream=stream,
         chunk_frames=arguments.chunk_frames,
+        tokens_per_frame=arguments.tokens_per_frame,
         progress=not arguments.json,
     )
     if arguments.json:

@@ -58,13 +58,15 @@ def ask(
     stream: bool | None = None,
     min_pixels: int = MIN_PIXELS,
     max_pixels: int = MAX_PIXELS,
+    tokens_per_frame: int | None = None,
 ) -> Answer:
     """Greedy answer of `model` to `question` about a video.
 
     frames: (T, 3, H, W) uint8, or an iterable of such chunks (each a whole number of temporal
     patches, e.g. 2 frames for Qwen2.5-VL, except the last) for streaming. style: "standard"
     or "sandwich" (paper 001 §3.2.3). stream: None picks streaming when the model can
-    (`can_stream`); True requires it.
+    (`can_stream`); True requires it. tokens_per_frame: merge each frame's vision tokens
+    down to this many after the vision tower (ToMe, paper 002 §3.1; whole-video mode only).
     """
     stream = can_stream(model) if stream is None else stream
     if stream and not can_stream(model):
@@ -72,6 +74,8 @@ def ask(
             "streaming prefill needs a linvid student whose every layer is a causal linear "
             f"mixer ({', '.join(STREAMING_MIXERS)}); this model has attention or M-MATE layers"
         )
+    if stream and tokens_per_frame is not None:
+        raise ValueError("tokens_per_frame (per-frame ToMe) needs the whole video: stream=False")
     if stream:
         chunks = [frames] if isinstance(frames, torch.Tensor) else frames
         return _ask_streaming(
@@ -80,26 +84,60 @@ def ask(
     if not isinstance(frames, torch.Tensor):
         frames = torch.cat(list(frames))
     return _ask_whole(
-        model, tokenizer, frames, question, style, max_new_tokens, min_pixels, max_pixels
+        model,
+        tokenizer,
+        frames,
+        question,
+        style,
+        max_new_tokens,
+        min_pixels,
+        max_pixels,
+        tokens_per_frame,
     )
 
 
-def _ask_whole(model, tokenizer, frames, question, style, max_new_tokens, min_pixels, max_pixels):
+def _ask_whole(
+    model,
+    tokenizer,
+    frames,
+    question,
+    style,
+    max_new_tokens,
+    min_pixels,
+    max_pixels,
+    tokens_per_frame,
+):
     started = time.perf_counter()
     config = model.config
     pixels, grid = video_to_patches(
         frames, config.vision_config, min_pixels=min_pixels, max_pixels=max_pixels
     )
-    video_tokens = video_token_count(grid, config.vision_config.spatial_merge_size)
-    ids = render_video_prompt(tokenizer, video_messages(question, style=style), video_tokens)
-    input_ids = torch.tensor([ids], device=model.device)
-    inputs = {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "pixel_values_videos": pixels.to(model.device, model.dtype),
-        "video_grid_thw": grid.to(model.device),
-        "mm_token_type_ids": (input_ids == config.video_token_id).int() * 2,
-    }
+    if tokens_per_frame is None:
+        video_tokens = video_token_count(grid, config.vision_config.spatial_merge_size)
+        ids = render_video_prompt(tokenizer, video_messages(question, style=style), video_tokens)
+        input_ids = torch.tensor([ids], device=model.device)
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "pixel_values_videos": pixels.to(model.device, model.dtype),
+            "video_grid_thw": grid.to(model.device),
+            "mm_token_type_ids": (input_ids == config.video_token_id).int() * 2,
+        }
+    else:
+        from linvid.models.frame_tome import compressed_video_inputs
+
+        with torch.no_grad():
+            inputs, merged = compressed_video_inputs(
+                model,
+                tokenizer,
+                pixels.to(model.device, model.dtype),
+                grid.to(model.device),
+                question,
+                tokens_per_frame=tokens_per_frame,
+                style=style,
+            )
+        input_ids = inputs["input_ids"]
+        video_tokens = merged.num_tokens
     prepared = time.perf_counter()
     with torch.no_grad():
         output = model.generate(
@@ -239,6 +277,7 @@ def ask_video_file(
     style: str = "auto",
     stream: bool | None = None,
     chunk_frames: int = 32,
+    tokens_per_frame: int | None = None,
     progress: bool = False,
 ) -> tuple[Answer, dict]:
     """Load a local model directory and its tokenizer, sample `video`, answer `question`.
@@ -256,7 +295,8 @@ def ask_video_file(
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     loaded = time.perf_counter()
     style = default_style(model) if style == "auto" else style
-    stream = can_stream(model) if stream is None else stream
+    if stream is None:
+        stream = can_stream(model) and tokens_per_frame is None
     sampling = {"fps": fps, "num_frames": num_frames, "max_frames": max_frames}
     if stream:
         temporal = model.config.vision_config.temporal_patch_size
@@ -280,6 +320,7 @@ def ask_video_file(
         stream=stream,
         min_pixels=min_pixels,
         max_pixels=max_pixels,
+        tokens_per_frame=tokens_per_frame,
     )
     answer.seconds["load_model"] = loaded - started
     answer.seconds["total"] = time.perf_counter() - started

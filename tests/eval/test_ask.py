@@ -64,3 +64,25 @@ def test_streaming_prefill_answers_like_the_whole_video(teacher, tokenizer, fram
 def test_streaming_is_refused_for_models_with_attention(teacher, tokenizer, frames):
     with pytest.raises(ValueError, match="causal linear mixer"):
         ask(teacher, tokenizer, frames, QUESTION, stream=True)
+
+
+def test_per_frame_token_merging_shrinks_the_prompt(teacher, tokenizer, frames):
+    plain = ask(teacher, tokenizer, frames, QUESTION, max_new_tokens=4, **PIXELS)
+    unmerged = ask(
+        teacher, tokenizer, frames, QUESTION, max_new_tokens=4, tokens_per_frame=8, **PIXELS
+    )  # 8 >= the 2 x 4 tokens of a frame: nothing merges
+    merged = ask(
+        teacher, tokenizer, frames, QUESTION, max_new_tokens=4, tokens_per_frame=2, **PIXELS
+    )
+    assert unmerged.new_tokens == plain.new_tokens
+    assert merged.counts["video_tokens"] == 4 * 2  # 4 temporal patches x 2 tokens
+    assert merged.counts["prompt_tokens"] == plain.counts["prompt_tokens"] - 4 * 6
+    with pytest.raises(ValueError, match="needs the whole video"):
+        ask(
+            linvid.convert(teacher, "rwkv6-all"),
+            tokenizer,
+            frames,
+            QUESTION,
+            stream=True,
+            tokens_per_frame=2,
+        )

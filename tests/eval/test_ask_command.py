@@ -70,3 +70,18 @@ def test_unreadable_video_is_one_clear_line(model_dirs, tmp_path, capsys):
     code = main(["ask", str(broken), QUESTION, "--model", str(model_dirs["teacher"])])
     error = capsys.readouterr().err
     assert code == 2 and "broken.mp4" in error and "Traceback" not in error
+
+
+def test_tokens_per_frame_option(model_dirs, video, capsys):
+    result = run_json(
+        capsys,
+        video,
+        QUESTION,
+        "--model",
+        str(model_dirs["student"]),
+        "--num-frames",
+        "8",
+        "--tokens-per-frame",
+        "2",
+    )
+    assert not result["streamed"] and result["counts"]["video_tokens"] == 4 * 2
