@@ -8,5 +8,6 @@ __version__ = "0.1.0"
 
 from linvid.models.convert import convert, load  # noqa: E402
 from linvid.models.plan import PRESETS, ConversionPlan  # noqa: E402
+from linvid.models.transv import apply_transv  # noqa: E402
 
-__all__ = ["PRESETS", "ConversionPlan", "__version__", "convert", "load"]
+__all__ = ["PRESETS", "ConversionPlan", "__version__", "apply_transv", "convert", "load"]

@@ -36,6 +36,8 @@ def convert(model: nn.Module, plan: ConversionPlan | str | dict, *, in_place: bo
         names = ", ".join(cls.__name__ for cls in SUPPORTED)
         raise ValueError(f"cannot convert a {type(model).__name__}; supported: {names}")
     plan.layer_indices(model.config.text_config.num_hidden_layers)  # validate before copying
+    if hasattr(model.model.language_model, "transv"):
+        raise ValueError("this model has TransV; convert its teacher first, then apply_transv")
     if not in_place:
         model = copy.deepcopy(model)
     attention_implementation = model.config._attn_implementation

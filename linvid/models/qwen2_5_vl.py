@@ -27,16 +27,19 @@ from linvid.models.cache import HybridCache
 from linvid.models.mixer_attention import ContextHolder, MixerAttention
 from linvid.models.mixers import build_mixer, mixer_needs_scenes
 from linvid.models.plan import ConversionPlan, resolve_plan
+from linvid.models.transv import apply_transv
 from linvid.video.scenes import scene_boundaries, scene_tokens
 
 IMAGE_TYPE, VIDEO_TYPE = 1, 2  # Qwen2.5-VL's mm_token_type_ids: 0 text, 1 image, 2 video
 
 
 class LinvidQwen2_5_VLConfig(Qwen2_5_VLConfig):
-    """Qwen2_5_VLConfig plus `linvid_plan` (a ConversionPlan as a dict)."""
+    """Qwen2_5_VLConfig plus `linvid_plan` (a ConversionPlan as a dict) and `linvid_transv`
+    (the TransV schedule, a list of {"layer", "drop", "mode"} dicts, or None)."""
 
     model_type = "linvid_qwen2_5_vl"
     linvid_plan: dict | None = None
+    linvid_transv: list | None = None
 
 
 class LinvidQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
@@ -52,6 +55,8 @@ class LinvidQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         # Structure only: the weights come from the checkpoint (from_pretrained) or from the
         # teacher (linvid.convert).
         replace_layers(self, resolve_plan(config.linvid_plan), init="random")
+        if config.linvid_transv:
+            apply_transv(self, config.linvid_transv, init="random")
 
     @property
     def plan(self) -> ConversionPlan:
