@@ -1,0 +1,629 @@
+"""Video conversation data for distillation: JSONL in LLaVA-Video-178K's format, token ids
+with answer-only labels, batches for Qwen2.5-VL-style models, and a disk cache of the frozen
+vision tower's outputs.
+
+One line of the JSONL file:
+    {"video": "clips/a.mp4", "conversations": [{"from": "human", "value": "<video>\\nWhat..."},
+     {"from": "gpt", "value": "A dog."}, {"from": "human", "value": "..."}, ...]}
+Video paths are relative to the JSONL file's folder (or to an explicit `video_root`).
+
+Bad samples. A sample can turn out bad only when it is read (missing or unreadable video,
+too long for max_sequence_length), and a DataLoader needs `__getitem__` to return something.
+So `__getitem__` returns a `SkippedSample(index, reason)` marker for a bad sample (or raises
+with `fail_on_bad_samples=True`), and `collate` drops the markers and lists them in the
+batch's "skipped" entry. The dataset remembers bad samples by index in `dataset.skipped`:
+directly when it is read in this process (num_workers=0), and through
+`dataset.record_skipped(batch)` for batches made in DataLoader workers (each worker holds its
+own copy of the dataset); both are keyed by index, so a sample is counted once however often
+it is read. A batch whose samples were all bad has no "input_ids": the loop skips it.
+
+Padding is on the right (the usual layout for training: positions start at 0 in every row);
+the attention mask marks the padding, which Qwen2.5-VL's 3-D positions respect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import uuid
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from linvid.eval.prompts import DEFAULT_CHAT_TEMPLATE, PROMPT_STYLES, VIDEO_PLACEHOLDER
+from linvid.models.qwen_video import MAX_PIXELS, MIN_PIXELS, video_to_patches, video_token_count
+from linvid.video.io import VideoError, load_video
+
+VIDEO_MARKER = "<video>"
+ROLES = ("human", "gpt")
+IGNORE_INDEX = -100  # labels the loss skips (transformers' cross-entropy ignore_index)
+END_OF_TURN = "<|im_end|>"
+MODEL_INPUT_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "labels",
+    "mm_token_type_ids",
+    "video_grid_thw",
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One conversation about one video: the video's path (resolved), the (question, answer)
+    turns in order (exactly one question holds the "<video>" marker), and where it came from
+    ("file:line")."""
+
+    video: str
+    turns: tuple[tuple[str, str], ...]
+    source: str
+
+
+class SkippedSample(NamedTuple):
+    """What `VideoConversationDataset.__getitem__` returns for a bad sample."""
+
+    index: int
+    reason: str
+
+
+def read_conversations(path: str | os.PathLike, *, video_root: str | None = None) -> list[Sample]:
+    """Parse a LLaVA-Video-178K-style JSONL file into Samples.
+
+    Each non-blank line must be a JSON object with "video" (a path, relative to `video_root`,
+    default the JSONL file's folder) and "conversations": turns alternating "human" and "gpt",
+    starting with "human" and ending with "gpt", with "<video>" exactly once in a human turn.
+    Raises ValueError naming file:line and what was wrong. Video files are not opened here.
+    """
+    path = os.fspath(path)
+    root = video_root if video_root is not None else os.path.dirname(os.path.abspath(path))
+    samples = []
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if line.strip():
+                samples.append(_parse_line(line, f"{path}:{number}", root))
+    if not samples:
+        raise ValueError(f"{path} holds no conversations (it is empty)")
+    return samples
+
+
+def _parse_line(line: str, source: str, root: str) -> Sample:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{source}: not valid JSON ({error.msg} at column {error.colno})"
+        ) from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(record).__name__}")
+    video = record.get("video")
+    if not isinstance(video, str) or not video:
+        raise ValueError(f"{source}: expected a non-empty string under 'video', got {video!r}")
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"{source}: expected a non-empty list under 'conversations'")
+    values = []
+    for position, turn in enumerate(turns):
+        expected = ROLES[position % 2]
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise ValueError(
+                f"{source}: conversations[{position}] must be an object with 'from' and "
+                f"'value', got {turn!r:.80}"
+            )
+        if turn["from"] != expected:
+            raise ValueError(
+                f"{source}: roles must alternate human, gpt, ...; conversations[{position}] "
+                f"is from {turn['from']!r}, expected {expected!r}"
+            )
+        if not isinstance(turn["value"], str) or not turn["value"].strip():
+            raise ValueError(f"{source}: conversations[{position}] has an empty 'value'")
+        values.append(turn["value"])
+    if len(values) % 2:
+        raise ValueError(f"{source}: the conversation ends with a human turn, not a gpt answer")
+    questions = values[0::2]
+    markers = sum(question.count(VIDEO_MARKER) for question in questions)
+    if markers != 1 or any(VIDEO_MARKER in answer for answer in values[1::2]):
+        raise ValueError(
+            f"{source}: expected '{VIDEO_MARKER}' exactly once, in a human turn; "
+            f"found it {markers} time(s) in human turns"
+        )
+    video_path = video if os.path.isabs(video) else os.path.join(root, video)
+    return Sample(
+        os.path.normpath(video_path), tuple(zip(questions, values[1::2], strict=True)), source
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset
+
+
+class VideoConversationDataset(torch.utils.data.Dataset):
+    """Token ids, answer-only labels and video patches for each Sample.
+
+    `dataset[i]` is a dict: input_ids (L,), labels (L,) = IGNORE_INDEX except on the
+    assistant answers and the end-of-turn token closing each, mm_token_type_ids (L,) = 2 on
+    video tokens else 0, pixel_values_videos (P, C) float32 (None when `feature_cache`
+    already holds this video's features, which then skips decoding), video_grid_thw (1, 3),
+    video_key (the cache key), sample_index; or a SkippedSample (see the module docstring).
+
+    Sampling: fps (1.0 unless num_frames is given) / num_frames / max_frames as in
+    `linvid.video.io.load_video`; min_pixels / max_pixels bound each frame's area as in
+    `video_to_patches`. style: "standard" (video, then the question's text) or "sandwich"
+    (question, video, question; paper 001 §3.2.3) for the turn holding the video.
+    Conversations longer than max_sequence_length lose whole trailing turns; one that cannot
+    keep the video and the answer after it is a bad sample (never cut mid-video).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        tokenizer,
+        vision_config,
+        *,
+        fps: float | None = None,
+        num_frames: int | None = None,
+        max_frames: int | None = None,
+        min_pixels: int = MIN_PIXELS,
+        max_pixels: int = MAX_PIXELS,
+        max_sequence_length: int | None = None,
+        style: str = "standard",
+        fail_on_bad_samples: bool = False,
+        feature_cache: VisionFeatureCache | None = None,
+    ):
+        if style not in PROMPT_STYLES:
+            raise ValueError(f"unknown prompt style {style!r}; expected one of {PROMPT_STYLES}")
+        if max_sequence_length is not None and max_sequence_length < 1:
+            raise ValueError(f"max_sequence_length must be >= 1, got {max_sequence_length!r}")
+        self.samples = list(samples)
+        self.tokenizer = tokenizer
+        self.vision_config = vision_config
+        if fps is not None and num_frames is not None:
+            raise ValueError(f"give fps or num_frames, not both; got {fps!r} and {num_frames!r}")
+        if fps is None and num_frames is None:
+            fps = 1.0
+        self.sampling = {"fps": fps, "num_frames": num_frames, "max_frames": max_frames}
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.max_sequence_length = max_sequence_length
+        self.style = style
+        self.fail_on_bad_samples = fail_on_bad_samples
+        self.feature_cache = feature_cache
+        self.template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+        self.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_PLACEHOLDER)
+        end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+        known = end is not None and end != tokenizer.unk_token_id
+        self.end_of_turn_id = end if known else tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id
+        self._skipped: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def skipped(self) -> list[tuple[int, str]]:
+        """The bad samples seen so far, (index, reason), by index."""
+        return sorted(self._skipped.items())
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self._skipped)
+
+    def record_skipped(self, batch: Mapping) -> None:
+        """Remember the bad samples a batch from `collate` reports (DataLoader workers)."""
+        for index, reason in batch.get("skipped", ()):
+            self._skip(index, reason)
+
+    def collate(self, batch: Sequence) -> dict:
+        """`collate` with this tokenizer's pad id (a DataLoader's collate_fn)."""
+        return collate(batch, self.pad_token_id)
+
+    def _skip(self, index: int, reason: str) -> SkippedSample:
+        if index not in self._skipped:
+            warnings.warn(f"skipping sample {index}: {reason}", stacklevel=3)
+            self._skipped[index] = reason
+        return SkippedSample(index, reason)
+
+    def __getitem__(self, index: int) -> dict | SkippedSample:
+        if index in self._skipped and not self.fail_on_bad_samples:
+            return SkippedSample(index, self._skipped[index])
+        sample = self.samples[index]
+        try:
+            return self._build(index, sample)
+        except (VideoError, SampleTooLong) as error:
+            reason = f"{sample.source}: {error}"
+            if self.fail_on_bad_samples:
+                raise type(error)(reason) from error
+            return self._skip(index, reason)
+
+    def video_key(self, sample: Sample) -> str:
+        """Cache key of a sample's video: its path, size and modification time, the sampling
+        and the patch layout (what the vision tower's input depends on)."""
+        try:
+            status = os.stat(sample.video)
+        except OSError:
+            raise VideoError(f"video file not found: {sample.video}") from None
+        config = self.vision_config
+        settings = {
+            "path": os.path.abspath(sample.video),
+            "size": status.st_size,
+            "mtime_ns": status.st_mtime_ns,
+            **self.sampling,
+            "min_pixels": self.min_pixels,
+            "max_pixels": self.max_pixels,
+            "patch": [config.patch_size, config.temporal_patch_size, config.spatial_merge_size],
+        }
+        text = json.dumps(settings, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def _build(self, index: int, sample: Sample) -> dict:
+        key = self.video_key(sample)
+        pixels = None
+        cached = self.feature_cache.grid(key) if self.feature_cache is not None else None
+        if cached is not None:
+            grid = cached
+        else:
+            frames, _ = load_video(sample.video, **self.sampling, max_pixels=self.max_pixels)
+            pixels, grid = video_to_patches(
+                frames, self.vision_config, min_pixels=self.min_pixels, max_pixels=self.max_pixels
+            )
+        count = video_token_count(grid, self.vision_config.spatial_merge_size)
+        input_ids, labels = self._tokenize(sample, count)
+        ids = torch.tensor(input_ids)
+        return {
+            "input_ids": ids,
+            "labels": torch.tensor(labels),
+            "mm_token_type_ids": (ids == self.video_token_id).long() * 2,
+            "pixel_values_videos": pixels,
+            "video_grid_thw": grid.reshape(1, 3).long(),
+            "video_key": key,
+            "sample_index": index,
+        }
+
+    def _messages(self, sample: Sample) -> list[dict]:
+        """Chat messages of the whole conversation, the marker replaced by a video part."""
+        messages = []
+        for question, answer in sample.turns:
+            content = question
+            if VIDEO_MARKER in question:
+                before, after = (part.strip() for part in question.split(VIDEO_MARKER))
+                text = " ".join(part for part in (before, after) if part)
+                video = {"type": "video"}
+                parts = [{"type": "text", "text": text}] if text else []
+                if self.style == "standard":
+                    content = [video, *parts]
+                else:
+                    content = [*parts, video, *[dict(part) for part in parts]]
+            messages.append({"role": "user", "content": content})
+            messages.append({"role": "assistant", "content": answer})
+        return messages
+
+    def _render(self, messages, generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages,
+            chat_template=self.template,
+            add_generation_prompt=generation_prompt,
+            tokenize=False,
+        )
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _tokenize(self, sample: Sample, video_tokens: int) -> tuple[list[int], list[int]]:
+        """Token ids and labels of the conversation, built turn by turn.
+
+        The template renders the conversation up to each question (with the generation
+        prompt) and up to each answer; each rendering must extend the previous one, so the
+        new text is exactly one prompt piece or one answer piece. Pieces are tokenized on their
+        own and concatenated, so the labelled tokens are those of the answer pieces, up to and
+        including the first end-of-turn token (the template's trailing newline stays
+        unlabelled); the video placeholder is expanded to `video_tokens` copies.
+        """
+        messages = self._messages(sample)
+        input_ids: list[int] = []
+        labels: list[int] = []
+        rendered = ""
+        video_turn = next(i for i, (q, _) in enumerate(sample.turns) if VIDEO_MARKER in q)
+        for turn in range(len(sample.turns)):
+            prompt = self._render(messages[: 2 * turn + 1], generation_prompt=True)
+            full = self._render(messages[: 2 * turn + 2], generation_prompt=False)
+            if not prompt.startswith(rendered) or not full.startswith(prompt):
+                raise ValueError(
+                    "the chat template does not render conversations incrementally (a "
+                    "rendering of the first turns is not a prefix of the longer one); "
+                    "answer labels cannot be placed"
+                )
+            prompt_ids = self._expand_video(prompt[len(rendered) :], video_tokens)
+            answer_ids = self._encode(full[len(prompt) :])
+            if self.end_of_turn_id in answer_ids:
+                labelled = answer_ids.index(self.end_of_turn_id) + 1
+            else:
+                labelled = len(answer_ids)
+            answer_labels = answer_ids[:labelled] + [IGNORE_INDEX] * (len(answer_ids) - labelled)
+            length = len(input_ids) + len(prompt_ids) + len(answer_ids)
+            if self.max_sequence_length is not None and length > self.max_sequence_length:
+                if turn <= video_turn:
+                    raise SampleTooLong(
+                        f"{length} tokens up to the end of the answer after the video "
+                        f"({video_tokens} video tokens) exceed max_sequence_length="
+                        f"{self.max_sequence_length}"
+                    )
+                break  # later turns are dropped whole
+            input_ids += prompt_ids + answer_ids
+            labels += [IGNORE_INDEX] * len(prompt_ids) + answer_labels
+            rendered = full
+        return input_ids, labels
+
+    def _expand_video(self, text: str, video_tokens: int) -> list[int]:
+        count = text.count(VIDEO_PLACEHOLDER)
+        if count == 0:
+            return self._encode(text)
+        if count != 1:
+            raise ValueError(
+                f"the chat template rendered {count} video placeholders ({VIDEO_PLACEHOLDER}) "
+                "in one turn; expected 1"
+            )
+        before, after = text.split(VIDEO_PLACEHOLDER)
+        return [
+            *self._encode(before),
+            *([self.video_token_id] * video_tokens),
+            *self._encode(after),
+        ]
+
+
+class SampleTooLong(ValueError):
+    """A conversation that cannot fit max_sequence_length without cutting its video."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+def collate(batch: Sequence, pad_token_id: int) -> dict:
+    """Right-padded batch of `VideoConversationDataset` items; SkippedSamples are dropped and
+    listed under "skipped" as (index, reason).
+
+    Returns input_ids, attention_mask, labels (padded with IGNORE_INDEX), mm_token_type_ids
+    (padded with 0), all (B, L); video_grid_thw (B, 3) in batch order; pixel_values_videos
+    (sum of P, C): the rows of the samples in batch order whose pixels were loaded (absent if
+    none were); has_pixels (B,) bool; video_keys; sample_index (B,); skipped.
+    """
+    items = [item for item in batch if not isinstance(item, SkippedSample)]
+    skipped = [tuple(item) for item in batch if isinstance(item, SkippedSample)]
+    if not items:
+        return {"skipped": skipped}
+    longest = max(item["input_ids"].shape[0] for item in items)
+
+    def pad(name, value):
+        rows = [
+            torch.nn.functional.pad(item[name], (0, longest - item[name].shape[0]), value=value)
+            for item in items
+        ]
+        return torch.stack(rows)
+
+    lengths = torch.tensor([item["input_ids"].shape[0] for item in items])
+    output = {
+        "input_ids": pad("input_ids", pad_token_id),
+        "attention_mask": (torch.arange(longest)[None, :] < lengths[:, None]).long(),
+        "labels": pad("labels", IGNORE_INDEX),
+        "mm_token_type_ids": pad("mm_token_type_ids", 0),
+        "video_grid_thw": torch.cat([item["video_grid_thw"] for item in items]),
+        "has_pixels": torch.tensor([item["pixel_values_videos"] is not None for item in items]),
+        "video_keys": [item["video_key"] for item in items],
+        "sample_index": torch.tensor([item["sample_index"] for item in items]),
+        "skipped": skipped,
+    }
+    pixels = [
+        item["pixel_values_videos"] for item in items if item["pixel_values_videos"] is not None
+    ]
+    if pixels:
+        output["pixel_values_videos"] = torch.cat(pixels)
+    return output
+
+
+def model_inputs(batch: Mapping, *, pixels: bool = True) -> dict:
+    """The model's keyword arguments from a collated batch (with pixel_values_videos when
+    `pixels` and every sample has them; else pass `cached_video_features`' output)."""
+    inputs = {key: batch[key] for key in MODEL_INPUT_KEYS}
+    if pixels:
+        if not bool(batch["has_pixels"].all()):
+            raise ValueError(
+                "some samples of this batch came without pixels (their features are in the "
+                "feature cache); pass mm_encoder_outputs=cached_video_features(...) instead"
+            )
+        inputs["pixel_values_videos"] = batch["pixel_values_videos"]
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------
+# Vision feature cache
+
+
+class VisionFeatureCache:
+    """The vision tower's per-video output (`pooler_output`, (N, D)) and patch grid (1, 3) on
+    disk, keyed by `VideoConversationDataset.video_key`, reusable across runs.
+
+    Entries are buffered and written `shard_size` at a time as safetensors shards (never
+    pickle), each written to a temporary file and renamed into place; every shard lists its
+    keys in its own metadata, and index.json (key -> shard, likewise written atomically) is a
+    summary that is rebuilt from shard headers when it misses a shard, so several writers
+    (ranks) cannot lose each other's entries. Call `flush()` after the last batch.
+
+    fingerprint: identifies the vision tower (`vision_fingerprint`); a directory written for
+    another one raises instead of serving stale features.
+    """
+
+    INDEX = "index.json"
+
+    def __init__(
+        self, directory: str | os.PathLike, *, shard_size: int = 256, fingerprint: str | None = None
+    ):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size!r}")
+        self.directory = os.fspath(directory)
+        self.shard_size = shard_size
+        os.makedirs(self.directory, exist_ok=True)
+        self._index: dict[str, str] = {}
+        self._known_shards: set[str] = set()
+        self._pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._scanned_at: int | None = None  # the directory's mtime at the last scan
+        index_path = os.path.join(self.directory, self.INDEX)
+        stored = None
+        if os.path.exists(index_path):
+            with open(index_path, encoding="utf-8") as file:
+                content = json.load(file)
+            stored = content.get("fingerprint")
+            self._index.update(content["entries"])
+            self._known_shards.update(content["entries"].values())
+        if fingerprint is not None and stored is not None and stored != fingerprint:
+            raise ValueError(
+                f"feature cache {self.directory} was written for vision tower {stored}, not "
+                f"{fingerprint}; use another directory"
+            )
+        self.fingerprint = fingerprint or stored
+        self._scan()
+
+    def _scan(self) -> None:
+        """Add the entries of shards the index does not list (written by other processes);
+        a no-op while the directory is unchanged since the last scan."""
+        changed = os.stat(self.directory).st_mtime_ns
+        if changed == self._scanned_at:
+            return
+        self._scanned_at = changed
+        for name in sorted(os.listdir(self.directory)):
+            if name.endswith(".safetensors") and name not in self._known_shards:
+                with safe_open(os.path.join(self.directory, name), framework="pt") as shard:
+                    keys = json.loads(shard.metadata()["keys"])
+                self._index.update(dict.fromkeys(keys, name))
+                self._known_shards.add(name)
+
+    def __contains__(self, key: str) -> bool:
+        if key not in self._index and key not in self._pending:
+            self._scan()
+        return key in self._index or key in self._pending
+
+    def __len__(self) -> int:
+        return len(self._index.keys() | self._pending.keys())
+
+    def grid(self, key: str) -> torch.Tensor | None:
+        """The patch grid (1, 3) stored for `key`, or None if absent (reads only the grid)."""
+        if key not in self:
+            return None
+        if key in self._pending:
+            return self._pending[key][1]
+        with safe_open(os.path.join(self.directory, self._index[key]), framework="pt") as shard:
+            return shard.get_tensor(f"{key}.grid")
+
+    def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (N, D), grid (1, 3)) stored for `key`; KeyError if absent."""
+        if key in self._pending:
+            return self._pending[key]
+        if key not in self:
+            raise KeyError(f"no features cached for {key} in {self.directory}")
+        path = os.path.join(self.directory, self._index[key])
+        with safe_open(path, framework="pt") as shard:
+            return shard.get_tensor(f"{key}.features"), shard.get_tensor(f"{key}.grid")
+
+    def put(self, key: str, features: torch.Tensor, grid: torch.Tensor) -> None:
+        """Store one video's features (N, D) and grid; written once shard_size are pending."""
+        self._pending[key] = (features.detach().cpu().contiguous(), grid.reshape(1, 3).cpu())
+        if len(self._pending) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the pending entries as one shard and update the index."""
+        if not self._pending:
+            return
+        name = f"shard-{uuid.uuid4().hex[:16]}.safetensors"
+        tensors = {}
+        for key, (features, grid) in self._pending.items():
+            tensors[f"{key}.features"] = features
+            tensors[f"{key}.grid"] = grid
+        metadata = {"keys": json.dumps(list(self._pending))}
+        _atomic_write(self.directory, name, lambda path: save_file(tensors, path, metadata))
+        self._index.update(dict.fromkeys(self._pending, name))
+        self._known_shards.add(name)
+        self._pending.clear()
+        self._scan()
+        content = {"fingerprint": self.fingerprint, "entries": self._index}
+
+        def write_index(path):
+            with open(path, "w", encoding="utf-8") as file:
+                json.dump(content, file)
+
+        _atomic_write(self.directory, self.INDEX, write_index)
+
+
+def _atomic_write(directory: str, name: str, write) -> None:
+    """Call write(temporary path) in `directory`, then rename the file to `name`."""
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, os.path.join(directory, name))
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def vision_fingerprint(model) -> str:
+    """A hash of a Qwen2.5-VL model's vision tower weights (reads every weight once)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(_vision_tower(model).state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _vision_tower(model):
+    inner = getattr(model, "model", model)
+    return inner.visual
+
+
+@torch.no_grad()
+def cached_video_features(model, batch: Mapping, cache: VisionFeatureCache) -> dict:
+    """Vision tower outputs for a collated batch, from `cache` where present, else computed
+    with `model.model.get_video_features` and stored.
+
+    Returns {"video": BaseModelOutputWithPooling(pooler_output=tuple of (N_i, D) per video)},
+    to pass as the model's `mm_encoder_outputs` instead of pixel_values_videos (with
+    `model_inputs(batch, pixels=False)`, which keeps video_grid_thw for the 3-D positions).
+    Only for a frozen vision tower: no gradient flows into it.
+    """
+    inner = getattr(model, "model", model)
+    dtype = _vision_tower(model).dtype
+    grids = batch["video_grid_thw"]
+    keys = batch["video_keys"]
+    has_pixels = batch["has_pixels"].tolist()
+    features: list[torch.Tensor | None] = [None] * len(keys)
+    for position, key in enumerate(keys):
+        if key in cache:
+            features[position] = cache.get(key)[0]
+    missing = [position for position, found in enumerate(features) if found is None]
+    if missing:
+        if not all(has_pixels[position] for position in missing):
+            raise ValueError(
+                "a video's features are neither in the cache nor computable: its pixels were "
+                f"not loaded (was {cache.directory} changed while the data was read?)"
+            )
+        rows = grids.prod(-1).tolist()
+        starts, offset = {}, 0
+        for position, has in enumerate(has_pixels):
+            if has:
+                starts[position] = offset
+                offset += rows[position]
+        pixels = torch.cat(
+            [batch["pixel_values_videos"][starts[p] : starts[p] + rows[p]] for p in missing]
+        )
+        output = inner.get_video_features(
+            pixels.to(model.device, dtype), grids[missing].to(model.device), return_dict=True
+        )
+        for position, computed in zip(missing, output.pooler_output, strict=True):
+            cache.put(keys[position], computed, grids[position])
+            features[position] = computed
+    pooled = tuple(feature.to(model.device, dtype) for feature in features)
+    return {"video": BaseModelOutputWithPooling(pooler_output=pooled)}
