@@ -112,7 +112,61 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ask.add_argument("--json", action="store_true", help="print answer, timings and counts")
     ask.set_defaults(run=run_ask)
+
+    distill = commands.add_parser(
+        "distill",
+        help="distill a student from its teacher through a recipe's stages",
+        description="Run a distillation recipe (YAML file or shipped name) stage by stage on "
+        "accelerate: `accelerate launch -m linvid.cli distill ...` for several processes.",
+    )
+    distill.add_argument("--recipe", required=True, help="recipe YAML file or shipped name")
+    distill.add_argument("--teacher", required=True, help="teacher model directory")
+    student = distill.add_mutually_exclusive_group()
+    student.add_argument("--student", help="student directory (a saved linvid model)")
+    student.add_argument("--plan", help="conversion preset to build the student from the teacher")
+    distill.add_argument("--data", required=True, help="LLaVA-Video-style conversations JSONL")
+    distill.add_argument("--out", required=True, help="run directory")
+    distill.add_argument("--resume", action="store_true", help="continue the latest checkpoint")
+    distill.add_argument("--checkpoint-every", type=int, default=0, help="optimizer steps")
+    distill.add_argument("--keep-checkpoints", type=int, default=2, help="newest kept")
+    distill.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    distill.add_argument("--seed", type=int, default=0)
+    distill.add_argument("--num-frames", type=int, help="frames per video (default: 1 fps)")
+    distill.add_argument("--min-pixels", type=int, help="per frame")
+    distill.add_argument("--max-pixels", type=int, help="per frame")
+    distill.set_defaults(run=run_distill)
     return parser
+
+
+def run_distill(arguments: argparse.Namespace) -> int:
+    from linvid.distill.recipe import load_recipe
+    from linvid.distill.trainer import RunOptions, distill
+
+    recipe = load_recipe(arguments.recipe)
+    for name in ("checkpoint_every", "max_steps"):
+        value = getattr(arguments, name)
+        if value is not None and value < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    if arguments.keep_checkpoints < 1:
+        raise ValueError(f"--keep-checkpoints must be >= 1, got {arguments.keep_checkpoints}")
+    options = RunOptions(
+        teacher=arguments.teacher,
+        data=arguments.data,
+        out=arguments.out,
+        student=arguments.student,
+        plan=arguments.plan,
+        resume=arguments.resume,
+        checkpoint_every=arguments.checkpoint_every,
+        keep_checkpoints=arguments.keep_checkpoints,
+        max_steps=arguments.max_steps,
+        seed=arguments.seed,
+        num_frames=arguments.num_frames,
+        min_pixels=arguments.min_pixels,
+        max_pixels=arguments.max_pixels,
+    )
+    destination = distill(recipe, options)
+    print(f"distilled student: {destination}")
+    return 0
 
 
 def run_convert(arguments: argparse.Namespace) -> int:
@@ -205,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return arguments.run(arguments)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, FloatingPointError) as error:
         print(f"linvid {arguments.command}: error: {error}", file=sys.stderr)
         print("hint: run with --help for the expected arguments", file=sys.stderr)
         return 2

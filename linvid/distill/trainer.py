@@ -1,0 +1,532 @@
+"""The distillation loop: a recipe's stages run in order on one student, on accelerate.
+
+One stage, read top to bottom in `run_stage`:
+  freeze (LoRA first if the stage has it) -> AdamW over the stage's parameter groups ->
+  warmup + cosine schedule -> for each optimizer step: `gradient_accumulation` micro-batches,
+  each scored by the stage's weighted losses ("kl" against the teacher's logits, "ce" on the
+  answer labels, "hidden" per converted layer, "sequence" on the teacher's greedy answers)
+  -> step, log, checkpoint.
+
+Multi-process runs (`accelerate launch`) split every global micro-batch across processes
+(`split_batches=True`) from one explicit, seeded sample order, and each loss is rescaled to
+the mean over its scored tokens of the whole optimizer step (all micro-batches, all
+processes): N processes with per-process batch b, with or without gradient accumulation, end
+with the same weights as one process with batch N*b (up to float rounding).
+
+Checkpoints (RUN_DIR/checkpoints/step-XXXXXXXX) are written into a temporary directory and
+renamed, so a directory with that name is always complete:
+  model.safetensors            the whole student (accelerate save_state, safetensors)
+  optimizer.bin, scheduler.bin optimizer / scheduler state (accelerate save_state, torch.save)
+  random_states_<rank>.pkl     python / numpy / torch RNG states (accelerate save_state, pickle)
+  student_trainable.safetensors the stage's trainable weights (safetensors)
+  trainer_state.json           stage index, stage step, global step, data position (epoch,
+                               batch index), skipped samples
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from linvid.distill.data import (
+    IGNORE_INDEX,
+    VideoConversationDataset,
+    model_inputs,
+    read_conversations,
+)
+from linvid.distill.hidden import hidden_alignment_loss
+from linvid.distill.losses import cross_entropy, sequence_kd, token_kl, weighted_total
+from linvid.distill.recipe import (
+    LOSSES,
+    Recipe,
+    Stage,
+    freeze_for_stage,
+    lr_scheduler,
+    make_optimizer,
+)
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+# Test-only: seconds to sleep after every optimizer step, so a test can kill a run mid-stage.
+SLOW_STEP_VARIABLE = "LINVID_TEST_SLOW_STEP_SECONDS"
+SEQUENCE_MIN_NEW_TOKENS = 16  # the teacher's greedy answers may run this long at least
+
+
+@dataclass
+class RunOptions:
+    """Everything `linvid distill` is given besides the recipe.
+
+    data: the conversations JSONL every stage reads (a stage's `data` field names the data
+    the papers used; it is not resolved to a file here). num_frames / fps / min_pixels /
+    max_pixels: video sampling as in `VideoConversationDataset`.
+    """
+
+    teacher: str
+    data: str
+    out: str
+    student: str | None = None
+    plan: str | None = None
+    resume: bool = False
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    max_steps: int | None = None
+    seed: int = 0
+    num_frames: int | None = None
+    fps: float | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Reject what this loop cannot run before any model is loaded."""
+    if recipe.transv is not None:
+        raise ValueError(
+            f"recipe {recipe.name!r} applies TransV ({recipe.transv!r}), which the trainer does "
+            "not do yet; apply_transv to the student, save it and pass it with --student"
+        )
+    for stage in recipe.stages:
+        for name in ("tome_keep_ratio", "tokens_per_frame", "transv"):
+            value = getattr(stage, name)
+            if value is not None and not (name == "tome_keep_ratio" and value == 1.0):
+                raise ValueError(
+                    f"stage {stage.name!r} sets {name!r}, which the trainer does not apply "
+                    "yet; remove it to train without it"
+                )
+
+
+def build_models(options: RunOptions, recipe: Recipe):
+    """(teacher in eval mode, student, tokenizer) from the run's directories."""
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    import linvid
+
+    for path, what in ((options.teacher, "teacher"), (options.student, "student")):
+        if path is not None and not os.path.isdir(path):
+            raise ValueError(f"{what} directory not found: {path}")
+    teacher = Qwen2_5_VLForConditionalGeneration.from_pretrained(options.teacher).eval()
+    teacher.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(options.teacher)
+    if options.student is not None:
+        student = linvid.load(options.student)
+    else:
+        plan = options.plan or recipe.student
+        if plan is None:
+            raise ValueError("give --student DIR or --plan PRESET (the recipe names no student)")
+        torch.manual_seed(options.seed)
+        student = linvid.convert(teacher, plan)
+    student.train()
+    return teacher, student, tokenizer
+
+
+def make_dataset(options: RunOptions, stage: Stage, tokenizer, vision_config):
+    if not os.path.isfile(options.data):
+        raise ValueError(f"data file not found: {options.data}")
+    sampling = {"num_frames": options.num_frames, "fps": options.fps}
+    for name in ("min_pixels", "max_pixels"):
+        if getattr(options, name) is not None:
+            sampling[name] = getattr(options, name)
+    return VideoConversationDataset(
+        read_conversations(options.data),
+        tokenizer,
+        vision_config,
+        max_sequence_length=stage.max_sequence_length,
+        fail_on_bad_samples=stage.fail_on_bad_samples,
+        **sampling,
+    )
+
+
+def sample_order(size: int, seed: int, stage_index: int, epoch: int) -> list[int]:
+    """The epoch's sample order: a permutation fixed by (seed, stage, epoch) alone, the same
+    on every process and after a resume."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + stage_index * 1_009 + epoch)
+    return torch.randperm(size, generator=generator).tolist()
+
+
+def teacher_decode_batch(teacher, batch, decodes: dict, dataset) -> dict:
+    """Sequence-level KD inputs (paper 003 eq. 8): each sample's first question followed by
+    the teacher's own greedy answer, labelled on that answer only.
+
+    The teacher answers each sample once per run (`decodes`: sample index -> token ids, kept
+    in memory; after a resume they are decoded again, greedily, so identically): at most
+    max(SEQUENCE_MIN_NEW_TOKENS, ground-truth answer length) tokens, up to and including its
+    end of turn. Returns model inputs (B, L') with "labels"; the videos are the batch's.
+    """
+    inputs = model_inputs(batch)
+    rows = batch["video_grid_thw"].prod(-1).tolist()  # pixel rows per sample
+    starts = [sum(rows[:i]) for i in range(len(rows))]
+    sequences, labels, types = [], [], []
+    for i, index in enumerate(batch["sample_index"].tolist()):
+        answer = (inputs["labels"][i] != IGNORE_INDEX).nonzero()
+        prompt_length = int(answer[0])  # the first answer starts here
+        prompt = inputs["input_ids"][i, :prompt_length]
+        if index not in decodes:
+            generated = teacher.generate(
+                input_ids=prompt[None],
+                attention_mask=torch.ones_like(prompt)[None],
+                mm_token_type_ids=inputs["mm_token_type_ids"][i, :prompt_length][None],
+                pixel_values_videos=inputs["pixel_values_videos"][starts[i] : starts[i] + rows[i]],
+                video_grid_thw=inputs["video_grid_thw"][i : i + 1],
+                max_new_tokens=max(SEQUENCE_MIN_NEW_TOKENS, len(answer)),
+                do_sample=False,
+                # A placeholder in the answer would ask for a video that is not there.
+                suppress_tokens=[
+                    getattr(teacher.config, f"{name}_token_id")
+                    for name in ("image", "video", "vision_start", "vision_end")
+                ],
+                eos_token_id=dataset.end_of_turn_id,
+                pad_token_id=dataset.pad_token_id,
+            )[0, prompt_length:].tolist()
+            if dataset.end_of_turn_id in generated:
+                generated = generated[: generated.index(dataset.end_of_turn_id) + 1]
+            decodes[index] = generated
+        decoded = torch.tensor(decodes[index], dtype=prompt.dtype)
+        sequences.append(torch.cat([prompt, decoded]))
+        labels.append(torch.cat([torch.full_like(prompt, IGNORE_INDEX), decoded]))
+        types.append(torch.cat([inputs["mm_token_type_ids"][i, :prompt_length], 0 * decoded]))
+    longest = max(len(sequence) for sequence in sequences)
+
+    def pad(tensors, value):
+        return torch.stack(
+            [torch.nn.functional.pad(t, (0, longest - len(t)), value=value) for t in tensors]
+        )
+
+    lengths = torch.tensor([len(sequence) for sequence in sequences])
+    return {
+        "input_ids": pad(sequences, dataset.pad_token_id),
+        "attention_mask": (torch.arange(longest)[None, :] < lengths[:, None]).long(),
+        "labels": pad(labels, IGNORE_INDEX),
+        "mm_token_type_ids": pad(types, 0),
+        "video_grid_thw": inputs["video_grid_thw"],
+        "pixel_values_videos": inputs["pixel_values_videos"],
+    }
+
+
+def token_counts(stage: Stage, teacher, batch, decodes: dict, dataset) -> torch.Tensor:
+    """Scored tokens of each weighted loss (sorted by name) in one micro-batch: what the
+    loss's mean divides by. (len(weighted losses),) float."""
+    answers = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # kl and ce score the answers
+    counts = {"kl": answers, "ce": answers, "hidden": batch["attention_mask"].sum()}
+    if stage.losses.get("sequence", 0) > 0:
+        with torch.no_grad():
+            decoded = teacher_decode_batch(teacher, batch, decodes, dataset)["labels"]
+        counts["sequence"] = (decoded[:, 1:] != IGNORE_INDEX).sum()
+    weighted = sorted(name for name, weight in stage.losses.items() if weight > 0)
+    return torch.stack([counts[name] for name in weighted]).float()
+
+
+def step_losses(
+    stage: Stage, student, teacher, batch, accelerator, decodes: dict, dataset
+) -> dict[str, torch.Tensor]:
+    """The stage's weighted losses on one micro-batch, each the mean over its scored tokens
+    on this process (the caller rescales them to the whole optimizer step)."""
+    inputs = model_inputs(batch)
+    labels = inputs.pop("labels")
+    weights = {name: weight for name, weight in stage.losses.items() if weight > 0}
+    logits = student(**inputs, use_cache=False).logits  # (B, L, V)
+    values = {}
+    if "kl" in weights:
+        with torch.no_grad():
+            teacher_logits = teacher(**inputs, use_cache=False).logits
+        scored = labels != IGNORE_INDEX  # (B, L), the answer tokens
+        values["kl"] = token_kl(logits, teacher_logits, scored, temperature=stage.temperature)
+    if "ce" in weights:
+        values["ce"] = cross_entropy(logits, labels)
+    if "hidden" in weights:
+        model = accelerator.unwrap_model(student)
+        model = getattr(model, "get_base_model", lambda: model)()
+        values["hidden"] = hidden_alignment_loss(model, teacher, inputs)[0]
+    if "sequence" in weights:
+        with torch.no_grad():
+            sequence_inputs = teacher_decode_batch(teacher, batch, decodes, dataset)
+        sequence_labels = sequence_inputs.pop("labels")
+        sequence_logits = student(**sequence_inputs, use_cache=False).logits
+        values["sequence"] = sequence_kd(sequence_logits, sequence_labels)
+    return values
+
+
+def run_stage(
+    stage_index: int,
+    stage: Stage,
+    student,
+    teacher,
+    tokenizer,
+    accelerator,
+    options: RunOptions,
+    resume_from: Path | None,
+    state: dict,
+    progress,
+):
+    """Train `student` through one stage; returns it (LoRA merged). `state` is updated."""
+    from torch.utils.data import DataLoader
+
+    if stage.lora is not None:
+        from peft import get_peft_model
+
+        student = get_peft_model(student, stage.lora.peft_config())
+    freeze_for_stage(student, stage)
+    dataset = make_dataset(options, stage, tokenizer, student.config.vision_config)
+    if len(dataset) < stage.batch_size:
+        raise ValueError(
+            f"stage {stage.name!r}: batch_size {stage.batch_size} exceeds the "
+            f"{len(dataset)} samples of {options.data}"
+        )
+    steps_per_epoch = len(dataset) // stage.batch_size
+    total_steps = stage.total_steps(len(dataset))
+    stage.micro_batch_size(accelerator.num_processes)  # checks divisibility
+    accelerator.gradient_accumulation_steps = stage.gradient_accumulation
+    optimizer = make_optimizer(student, stage)
+    scheduler = lr_scheduler(optimizer, total_steps, stage)
+    model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+    else:
+        state.update(stage_index=stage_index, stage_step=0)
+    teacher.to(accelerator.device)
+    slow = float(os.environ.get(SLOW_STEP_VARIABLE, "0"))
+    decodes: dict[int, list[int]] = {}  # the teacher's greedy answers, for "sequence"
+    weights = {name: weight for name, weight in sorted(stage.losses.items()) if weight > 0}
+
+    while state["stage_step"] < total_steps:
+        if options.max_steps is not None and state["global_step"] >= options.max_steps:
+            break
+        epoch, batch_index = divmod(state["stage_step"], steps_per_epoch)
+        order = sample_order(len(dataset), options.seed, stage_index, epoch)
+        order = order[batch_index * stage.batch_size : steps_per_epoch * stage.batch_size]
+        loader = accelerator.prepare(
+            DataLoader(
+                dataset,
+                batch_size=stage.batch_size // stage.gradient_accumulation,
+                sampler=order,
+                collate_fn=dataset.collate,
+            )
+        )
+        micro_batches = iter(loader)
+        for _ in range(steps_per_epoch - batch_index):
+            if state["stage_step"] >= total_steps or (
+                options.max_steps is not None and state["global_step"] >= options.max_steps
+            ):
+                break
+            started = time.perf_counter()
+            logged: dict[str, float] = {}
+            batches = [next(micro_batches) for _ in range(stage.gradient_accumulation)]
+            for batch in batches:
+                dataset.record_skipped(batch)
+            # A micro-batch where a process got only bad samples is skipped by every process.
+            batches = [batch for batch in batches if not empty_on_any_process(accelerator, batch)]
+            # Each loss is a mean over its scored tokens of the whole optimizer step (every
+            # micro-batch, every process): one process with batch B and N processes with B/N,
+            # with or without accumulation, take the same step. DDP averages gradients over
+            # processes and accelerator.backward divides by the accumulation: undo both.
+            counts = [token_counts(stage, teacher, batch, decodes, dataset) for batch in batches]
+            local_total = torch.zeros(len(weights), device=accelerator.device)
+            total = accelerator.reduce(sum(counts, local_total), reduction="sum")
+            scale = accelerator.num_processes * stage.gradient_accumulation / total.clamp(min=1)
+            for batch, local in zip(batches, counts, strict=True):
+                values = step_losses(stage, model, teacher, batch, accelerator, decodes, dataset)
+                values = {
+                    name: values[name] * local[i] * scale[i] for i, name in enumerate(weights)
+                }
+                loss = weighted_total(values, weights)
+                check_finite(loss, values, stage, state, accelerator)
+                accelerator.backward(loss)
+                for name, value in values.items():
+                    share = accelerator.reduce(value.detach(), reduction="sum")
+                    logged[name] = logged.get(name, 0.0) + float(share) / (
+                        accelerator.num_processes * stage.gradient_accumulation
+                    )
+            learning_rate = scheduler.get_last_lr()[0]  # the default group's lr of this step
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["stage_step"] += 1
+            state["global_step"] += 1
+            state["epoch"], state["batch_index"] = divmod(state["stage_step"], steps_per_epoch)
+            state["skipped"] = len(dataset.skipped)
+            seconds = time.perf_counter() - started
+            record = {
+                "step": state["global_step"],
+                "stage": stage.name,
+                "stage_step": state["stage_step"],
+                **logged,
+                "lr": learning_rate,
+                "samples_per_second": stage.batch_size / seconds,
+                "processes": accelerator.num_processes,
+                "skipped": state["skipped"],
+            }
+            if accelerator.is_main_process:
+                with open(Path(options.out) / "metrics.jsonl", "a") as file:
+                    file.write(json.dumps(record) + "\n")
+                progress.set_postfix({key: f"{logged[key]:.4f}" for key in logged})
+                progress.update(1)
+            if options.checkpoint_every and state["global_step"] % options.checkpoint_every == 0:
+                save_checkpoint(model, accelerator, options, state)
+            if slow:
+                time.sleep(slow)
+        resume_from = None
+
+    if accelerator.is_main_process:
+        plot_stage(Path(options.out), stage.name)
+    student = accelerator.unwrap_model(model)
+    accelerator.free_memory()
+    if stage.lora is not None:
+        student = student.merge_and_unload()
+    return student
+
+
+def empty_on_any_process(accelerator, batch) -> bool:
+    """Whether some process's micro-batch holds no good sample (no "input_ids")."""
+    empty = torch.tensor(float("input_ids" not in batch), device=accelerator.device)
+    return bool(accelerator.reduce(empty, reduction="sum") > 0)
+
+
+def check_finite(loss, values, stage: Stage, state: dict, accelerator) -> None:
+    """Stop the run on a NaN/inf loss on any process, before it reaches the weights."""
+    bad = torch.tensor(float(not torch.isfinite(loss.detach())), device=accelerator.device)
+    if accelerator.reduce(bad, reduction="sum") > 0:
+        parts = ", ".join(f"{name}={float(value.detach()):.4g}" for name, value in values.items())
+        raise FloatingPointError(
+            f"stage {stage.name!r}, step {state['global_step'] + 1} (step "
+            f"{state['stage_step'] + 1} of the stage): the loss is not finite ({parts}); the "
+            f"last good checkpoint is {latest_checkpoint(Path(state['out']))}"
+        )
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint of a run (renamed into place, so complete), or None."""
+    folder = out / CHECKPOINTS
+    if not folder.is_dir():
+        return None
+    done = sorted(path for path in folder.glob("step-*") if (path / STATE_FILE).is_file())
+    return done[-1] if done else None
+
+
+def save_checkpoint(model, accelerator, options: RunOptions, state: dict) -> None:
+    """Write the checkpoint of `state` atomically (temporary directory, then rename) and keep
+    only the newest `keep_checkpoints`."""
+    from safetensors.torch import save_file
+
+    folder = Path(options.out) / CHECKPOINTS
+    name = f"step-{state['global_step']:08d}"
+    temporary = folder / f"tmp-{state['global_step']:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        trainable = {
+            key: value.detach().cpu().contiguous()
+            for key, value in unwrapped.named_parameters()
+            if value.requires_grad
+        }
+        save_file(trainable, str(temporary / "student_trainable.safetensors"))
+        saved = {key: value for key, value in state.items() if key != "out"}
+        (temporary / STATE_FILE).write_text(json.dumps(saved, indent=2))
+        if (folder / name).exists():  # written by an earlier attempt that was resumed
+            shutil.rmtree(folder / name)
+        os.replace(temporary, folder / name)
+        for old in sorted(folder.glob("step-*"))[: -options.keep_checkpoints]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def plot_stage(out: Path, stage_name: str) -> None:
+    """RUN_DIR/loss_<stage>.png: every logged loss of the stage against the global step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [row for row in rows if row["stage"] == stage_name]
+    if not rows:
+        return
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name in LOSSES:
+        if name in rows[0]:
+            axis.plot([row["step"] for row in rows], [row[name] for row in rows], label=name)
+    axis.set(xlabel="optimizer step", ylabel="loss", title=f"stage {stage_name}")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out / f"loss_{stage_name}.png")
+    plt.close(figure)
+
+
+def distill(recipe: Recipe, options: RunOptions) -> Path:
+    """Run every stage of `recipe` (from the latest checkpoint with `options.resume`) and save
+    the student to RUN_DIR/student. Returns that directory."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from tqdm import tqdm
+
+    check_recipe(recipe)
+    if not os.path.isfile(options.data):
+        raise ValueError(f"data file not found: {options.data}")
+    out = Path(options.out)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=recipe.stages[0].gradient_accumulation,
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+    )
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is not None and not options.resume:
+        raise ValueError(
+            f"{out} already holds checkpoints of another run; pass --resume to continue it "
+            "or choose a new --out"
+        )
+    set_seed(options.seed)
+    teacher, student, tokenizer = build_models(options, recipe)
+    state = {"stage_index": 0, "stage_step": 0, "global_step": 0, "epoch": 0, "batch_index": 0}
+    if checkpoint is not None:
+        state.update(json.loads((checkpoint / STATE_FILE).read_text()))
+    state["out"] = str(out)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in (out / CHECKPOINTS).glob("tmp-*"):
+            shutil.rmtree(stale)
+        metrics = out / "metrics.jsonl"
+        # Keep the lines up to the resumed step; a fresh run starts a new file.
+        lines = metrics.read_text().splitlines() if metrics.exists() and checkpoint else []
+        kept = [line for line in lines if json.loads(line)["step"] <= state["global_step"]]
+        metrics.write_text("".join(line + "\n" for line in kept))
+    accelerator.wait_for_everyone()
+
+    planned = sum(stage.steps or 0 for stage in recipe.stages) or None
+    if options.max_steps is not None:
+        planned = min(planned or options.max_steps, options.max_steps)
+    progress = tqdm(
+        total=planned,
+        initial=state["global_step"],
+        disable=not accelerator.is_main_process,
+        desc="distill",
+    )
+    for stage_index, stage in enumerate(recipe.stages):
+        if stage_index < state["stage_index"]:
+            continue
+        resume_from = checkpoint if stage_index == state["stage_index"] else None
+        student = run_stage(
+            stage_index,
+            stage,
+            student,
+            teacher,
+            tokenizer,
+            accelerator,
+            options,
+            resume_from,
+            state,
+            progress,
+        )
+        checkpoint = None
+    progress.close()
+    destination = out / "student"
+    if accelerator.is_main_process:
+        student.save_pretrained(destination)
+        tokenizer.save_pretrained(destination)
+    accelerator.wait_for_everyone()
+    return destination

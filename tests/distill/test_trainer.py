@@ -1,0 +1,293 @@
+"""The distillation loop end to end on a tiny teacher: a two-stage run, two processes against
+one, kill and resume, a NaN stop and the CLI's errors."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+import linvid
+from linvid.cli import main
+from linvid.models.tiny import tiny_qwen2_5_vl_config
+from linvid.models.tokenizer import build_word_tokenizer, token_ids
+from linvid.video.io import write_video
+
+REPO = Path(__file__).resolve().parents[2]
+WORDS = "what is here a red blue green ball cat sits which colour yes no".split()
+COLOURS = {"red": (200, 20, 20), "blue": (20, 20, 200), "green": (20, 200, 20)}
+SIZE = 56 * 56
+RECIPE = """
+name: test_two_stages
+student: rwkv6-all
+defaults:
+  steps: 4
+  batch_size: 2
+  data: test
+  warmup_ratio: 0.25
+  optimizer: {{betas: [0.9, 0.95], weight_decay: 0.1}}
+stages:
+  - name: mixers
+    trainable: ['\\.mixer\\.']
+    losses: {{kl: 1.0, ce: 0.5}}
+    learning_rate: {lr}
+  - name: mlp
+    trainable: ['\\.layers\\.1\\.mlp\\.']
+    losses: {{kl: 1.0, ce: 0.0}}
+    learning_rate: {lr}
+"""
+
+HIDDEN_LORA = """
+name: test_hidden_lora
+defaults: {steps: 2, batch_size: 2, data: test, fail_on_bad_samples: false}
+stages:
+  - name: align
+    trainable: ['\\.mixer\\.']
+    losses: {kl: 1.0, hidden: 1.0}
+    learning_rate: 1.0e-3
+  - name: lora
+    trainable: ['\\.mixer\\.']
+    lora: {rank: 2, alpha: 4, target_modules: '.*\\.mlp\\.(gate_proj|up_proj|down_proj)'}
+    losses: {kl: 0.5, sequence: 0.5, ce: 0.5}
+    learning_rate: 1.0e-3
+"""
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    tokenizer = build_word_tokenizer(WORDS)
+    torch.manual_seed(0)
+    teacher = Qwen2_5_VLForConditionalGeneration(
+        tiny_qwen2_5_vl_config(token_ids=token_ids(tokenizer))
+    )
+    teacher.save_pretrained(root / "teacher")
+    tokenizer.save_pretrained(root / "teacher")
+    records = []
+    for index, (name, colour) in enumerate(list(COLOURS.items()) * 2):
+        frames = torch.zeros(4, 3, 56, 56, dtype=torch.uint8)
+        frames += torch.tensor(colour, dtype=torch.uint8).view(1, 3, 1, 1)
+        frames[:, :, index * 6 : index * 6 + 12, 8:28] = 255
+        write_video(root / f"{index}.mp4", frames, fps=4)
+        # Answers of different lengths: padding and per-process token counts differ.
+        answer = ["yes", f"a {name} ball", f"which {name} cat sits here"][index % 4 % 3]
+        records.append(
+            {
+                "video": f"{index}.mp4",
+                "conversations": [
+                    {"from": "human", "value": "<video>\nwhat is here"},
+                    {"from": "gpt", "value": answer},
+                ],
+            }
+        )
+    with open(root / "train.jsonl", "w") as file:
+        file.writelines(json.dumps(record) + "\n" for record in records)
+    for name, rate in (("recipe.yaml", "1.0e-3"), ("nan.yaml", "1.0e+30")):
+        (root / name).write_text(RECIPE.format(lr=rate))
+    (root / "hidden_lora.yaml").write_text(HIDDEN_LORA)
+    accumulated = RECIPE.format(lr="1.0e-3").replace(
+        "batch_size: 2", "batch_size: 2\n  gradient_accumulation: 2"
+    )
+    (root / "accumulate.yaml").write_text(accumulated)
+    missing = {**records[0], "video": "missing.mp4"}
+    with open(root / "with_missing.jsonl", "w") as file:
+        file.writelines(json.dumps(record) + "\n" for record in [missing, *records])
+    return root
+
+
+def arguments(workspace, out, *extra, recipe="recipe.yaml"):
+    return [
+        "distill",
+        "--recipe",
+        str(workspace / recipe),
+        "--teacher",
+        str(workspace / "teacher"),
+        "--plan",
+        "rwkv6-all",
+        "--data",
+        str(workspace / "train.jsonl"),
+        "--out",
+        str(out),
+        "--num-frames",
+        "4",
+        "--min-pixels",
+        str(SIZE),
+        "--max-pixels",
+        str(SIZE),
+        *extra,
+    ]
+
+
+def student_weights(out):
+    return load_file(str(Path(out) / "student" / "model.safetensors"))
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_run_trains_the_stage_parameters_and_logs(workspace, tmp_path):
+    out = tmp_path / "run"
+    assert main(arguments(workspace, out, "--checkpoint-every", "3")) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, 9))
+    assert [row["stage"] for row in rows] == ["mixers"] * 4 + ["mlp"] * 4
+    assert all(row["kl"] >= 0 and "lr" in row and row["samples_per_second"] > 0 for row in rows)
+    assert all("ce" in row for row in rows[:4]) and "ce" not in rows[4]
+    assert (out / "loss_mixers.png").stat().st_size > 0 and (out / "loss_mlp.png").exists()
+    # Checkpoints at steps 3 and 6; the newest two kept, no temporary directory left.
+    names = sorted(path.name for path in (out / "checkpoints").iterdir())
+    assert names == ["step-00000003", "step-00000006"]
+    state = json.loads((out / "checkpoints" / "step-00000006" / "trainer_state.json").read_text())
+    assert (state["stage_index"], state["stage_step"], state["global_step"]) == (1, 2, 6)
+
+    student = linvid.load(str(out / "student"))
+    start = linvid.convert(
+        Qwen2_5_VLForConditionalGeneration.from_pretrained(workspace / "teacher"), "rwkv6-all"
+    ).state_dict()
+    for name, value in student.state_dict().items():
+        trained = ".mixer." in name or ".layers.1.mlp." in name
+        assert torch.equal(value, start[name]) != trained, name
+
+
+@pytest.mark.parametrize(
+    ("recipe", "tolerance"), [("recipe.yaml", 1e-6), ("hidden_lora.yaml", 1e-5)]
+)
+def test_two_processes_match_one(workspace, tmp_path, recipe, tolerance):
+    single = tmp_path / "single"
+    assert main(arguments(workspace, single, recipe=recipe)) == 0
+    double = tmp_path / "double"
+    # accelerate 1.15 starts MULTI_CPU configs (configs/accelerate/cpu_2proc.yaml) through
+    # mpirun only, so on one machine without MPI it runs a single process; its torchrun
+    # launcher (--multi_gpu) with ACCELERATE_USE_CPU gives the 2-process gloo run.
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_machines",
+        "1",
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "linvid.cli",
+        *arguments(workspace, double, recipe=recipe),
+    ]
+    environment = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(
+        command, capture_output=True, text=True, cwd=REPO, env=environment, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (double / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(row["processes"] == 2 for row in rows)
+    one, two = student_weights(single), student_weights(double)
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=tolerance, msg=name)
+
+
+def test_killed_run_resumes_to_the_same_weights(workspace, tmp_path):
+    reference = tmp_path / "reference"
+    assert main(arguments(workspace, reference)) == 0
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "linvid.cli", *arguments(workspace, out)]
+    command += ["--checkpoint-every", "1", "--keep-checkpoints", "2"]
+    environment = {**os.environ, "LINVID_TEST_SLOW_STEP_SECONDS": "1.0"}
+    process = subprocess.Popen(command, cwd=REPO, env=environment, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoints" / "step-00000003").exists():
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "student").exists()
+    assert main(arguments(workspace, out, "--resume", "--checkpoint-every", "1")) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+    expected, resumed = student_weights(reference), student_weights(out)
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=1e-7, msg=name)
+
+
+def test_nan_loss_stops_with_the_stage_and_step(workspace, tmp_path, capsys):
+    out = tmp_path / "nan"
+    code = main(arguments(workspace, out, "--checkpoint-every", "1", recipe="nan.yaml"))
+    message = capsys.readouterr().err
+    assert code == 2 and "not finite" in message and "stage 'mixers', step" in message
+    checkpoints = sorted((out / "checkpoints").glob("step-*"))
+    assert checkpoints and not list((out / "checkpoints").glob("tmp-*"))
+    assert str(checkpoints[-1]) in message
+    load_file(str(checkpoints[-1] / "student_trainable.safetensors"))
+    assert not (out / "student").exists()
+
+
+def test_clear_errors(workspace, tmp_path, capsys):
+    missing = arguments(workspace, tmp_path / "a")
+    missing[missing.index("--data") + 1] = str(tmp_path / "nowhere.jsonl")
+    assert main(missing) == 2
+    assert "data file not found" in capsys.readouterr().err
+    unknown = arguments(workspace, tmp_path / "b")
+    unknown[unknown.index("--recipe") + 1] = "no_such_recipe"
+    assert main(unknown) == 2
+    assert "unknown recipe 'no_such_recipe'" in capsys.readouterr().err
+
+
+def test_hidden_sequence_and_lora_stages_and_skipped_samples(workspace, tmp_path):
+    out = tmp_path / "lora"
+    command = arguments(workspace, out, recipe="hidden_lora.yaml")
+    command[command.index("--data") + 1] = str(workspace / "with_missing.jsonl")
+    with pytest.warns(UserWarning, match="missing.mp4"):
+        assert main(command) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["stage"] for row in rows] == ["align"] * 2 + ["lora"] * 2
+    assert all(row["hidden"] >= 0 for row in rows[:2])
+    assert all(row["sequence"] > 0 and row["ce"] > 0 for row in rows[2:])
+    assert rows[-1]["skipped"] == 1
+    student = linvid.load(str(out / "student"))  # LoRA merged back into a plain student
+    assert not any("lora_" in name for name, _ in student.named_parameters())
+    teacher = Qwen2_5_VLForConditionalGeneration.from_pretrained(workspace / "teacher")
+    before = teacher.state_dict()
+    name = "model.language_model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(student.state_dict()[name], before[name])
+
+
+def test_resume_inside_a_lora_stage_matches_an_uninterrupted_run(workspace, tmp_path, capsys):
+    reference = tmp_path / "reference"
+    assert main(arguments(workspace, reference, recipe="hidden_lora.yaml")) == 0
+    out = tmp_path / "stopped"
+    first = arguments(workspace, out, "--checkpoint-every", "1", recipe="hidden_lora.yaml")
+    assert main([*first, "--max-steps", "3"]) == 0  # stops after step 1 of the LoRA stage
+    state = json.loads((out / "checkpoints" / "step-00000003" / "trainer_state.json").read_text())
+    assert (state["stage_index"], state["stage_step"]) == (1, 1)
+    assert main(first) == 2  # a fresh run must not mix with the old checkpoints
+    assert "pass --resume" in capsys.readouterr().err
+    assert main([*first, "--resume"]) == 0
+    expected, resumed = student_weights(reference), student_weights(out)
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=1e-7, msg=name)
+
+
+def test_gradient_accumulation_takes_the_same_steps(workspace, tmp_path):
+    whole, accumulated = tmp_path / "whole", tmp_path / "accumulated"
+    assert main(arguments(workspace, whole)) == 0
+    assert main(arguments(workspace, accumulated, recipe="accumulate.yaml")) == 0
+    one, two = student_weights(whole), student_weights(accumulated)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-6, msg=name)
