@@ -128,6 +128,39 @@ def copy_projection(
 
 
 @torch.no_grad()
+def add_attention_projections(
+    module: nn.Module,
+    hidden_size: int,
+    num_heads: int,
+    num_key_value_heads: int,
+    head_dim: int,
+    *,
+    projection_bias: bool,
+    output_bias: bool,
+) -> None:
+    """Give `module` an attention's head layout (hidden_size, num_heads, num_key_value_heads,
+    head_dim attributes) and its projections: query (hidden -> H*d), key and value
+    (hidden -> H_kv*d), output (H*d -> hidden)."""
+    check_head_layout(hidden_size, num_heads, num_key_value_heads, head_dim)
+    module.hidden_size = hidden_size
+    module.num_heads = num_heads
+    module.num_key_value_heads = num_key_value_heads
+    module.head_dim = head_dim
+    module.query = nn.Linear(hidden_size, num_heads * head_dim, bias=projection_bias)
+    module.key = nn.Linear(hidden_size, num_key_value_heads * head_dim, bias=projection_bias)
+    module.value = nn.Linear(hidden_size, num_key_value_heads * head_dim, bias=projection_bias)
+    module.output = nn.Linear(num_heads * head_dim, hidden_size, bias=output_bias)
+
+
+def copy_attention_projections(module: nn.Module, attention: nn.Module) -> None:
+    """Copy W_Q, W_K, W_V, W_O (and biases) of a teacher attention into the projections made by
+    `add_attention_projections`, heads kept as they are (grouped-query stays grouped)."""
+    copy_projection(module.query, attention.q_proj)
+    copy_projection(module.key, attention.k_proj)
+    copy_projection(module.value, attention.v_proj)
+    copy_projection(module.output, attention.o_proj)
+
+
 def value_head_scales(value: nn.Linear, head_dim: int, num_heads: int) -> torch.Tensor:
     """The scale of one teacher value vector per query head, as the weight of a per-head norm.
 

@@ -11,8 +11,8 @@ from torch import nn
 
 from linvid.layers.attention_weights import (
     AttentionGeometry,
-    check_head_layout,
-    copy_projection,
+    add_attention_projections,
+    copy_attention_projections,
     to_teacher,
 )
 from linvid.layers.base import (
@@ -71,17 +71,17 @@ class GatedCrossAttention(nn.Module):
         output_bias: bool = False,
     ):
         super().__init__()
-        check_head_layout(hidden_size, num_heads, num_key_value_heads, head_dim)
         if not callable(norm):
             raise ValueError(f"norm must be a module (the layer's input norm), got {norm!r}")
-        self.hidden_size = hidden_size
-        self.num_heads = num_heads
-        self.num_key_value_heads = num_key_value_heads
-        self.head_dim = head_dim
-        self.query = nn.Linear(hidden_size, num_heads * head_dim, bias=projection_bias)
-        self.key = nn.Linear(hidden_size, num_key_value_heads * head_dim, bias=projection_bias)
-        self.value = nn.Linear(hidden_size, num_key_value_heads * head_dim, bias=projection_bias)
-        self.output = nn.Linear(num_heads * head_dim, hidden_size, bias=output_bias)
+        add_attention_projections(
+            self,
+            hidden_size,
+            num_heads,
+            num_key_value_heads,
+            head_dim,
+            projection_bias=projection_bias,
+            output_bias=output_bias,
+        )
         self.dynamic_gate = nn.Linear(hidden_size, 1)
         self.static_gate = nn.Parameter(torch.zeros(1))
         with torch.no_grad():
@@ -105,10 +105,7 @@ class GatedCrossAttention(nn.Module):
             projection_bias=geometry.projection_bias,
             output_bias=geometry.output_bias,
         )
-        copy_projection(module.query, attention.q_proj)
-        copy_projection(module.key, attention.k_proj)
-        copy_projection(module.value, attention.v_proj)
-        copy_projection(module.output, attention.o_proj)
+        copy_attention_projections(module, attention)
         return to_teacher(module, attention)
 
     def forward(

@@ -20,8 +20,8 @@ from torch import nn
 
 from linvid.layers.attention_weights import (
     AttentionGeometry,
-    check_head_layout,
-    copy_projection,
+    add_attention_projections,
+    copy_attention_projections,
     to_teacher,
 )
 from linvid.layers.base import check_hidden_states, check_token_mask
@@ -85,19 +85,19 @@ class TransV(nn.Module):
         output_bias: bool = False,
     ):
         super().__init__()
-        check_head_layout(hidden_size, num_heads, num_key_value_heads, head_dim)
         if mode not in MODES:
             raise ValueError(f"unknown TransV mode {mode!r}; expected one of {MODES}")
         self.drop = check_drop(drop)
         self.mode = mode
-        self.hidden_size = hidden_size
-        self.num_heads = num_heads
-        self.num_key_value_heads = num_key_value_heads
-        self.head_dim = head_dim
-        self.query = nn.Linear(hidden_size, num_heads * head_dim, bias=projection_bias)
-        self.key = nn.Linear(hidden_size, num_key_value_heads * head_dim, bias=projection_bias)
-        self.value = nn.Linear(hidden_size, num_key_value_heads * head_dim, bias=projection_bias)
-        self.output = nn.Linear(num_heads * head_dim, hidden_size, bias=output_bias)
+        add_attention_projections(
+            self,
+            hidden_size,
+            num_heads,
+            num_key_value_heads,
+            head_dim,
+            projection_bias=projection_bias,
+            output_bias=output_bias,
+        )
         self.alpha = nn.Parameter(torch.zeros(1))
         object.__setattr__(self, "norm", norm)
 
@@ -120,10 +120,7 @@ class TransV(nn.Module):
             output_bias=geometry.output_bias,
         )
         with torch.no_grad():
-            copy_projection(module.query, attention.q_proj)
-            copy_projection(module.key, attention.k_proj)
-            copy_projection(module.value, attention.v_proj)
-            copy_projection(module.output, attention.o_proj)
+            copy_attention_projections(module, attention)
         return to_teacher(module, attention)
 
     def select(self, vision_count: int, scores: torch.Tensor | None, device) -> torch.Tensor:
