@@ -15,12 +15,15 @@ with the same weights as one process with batch N*b (up to float rounding).
 
 Checkpoints (RUN_DIR/checkpoints/step-XXXXXXXX) are written into a temporary directory and
 renamed, so a directory with that name is always complete:
-  model.safetensors            the whole student (accelerate save_state, safetensors)
-  optimizer.bin, scheduler.bin optimizer / scheduler state (accelerate save_state, torch.save)
-  random_states_<rank>.pkl     python / numpy / torch RNG states (accelerate save_state, pickle)
+  model.safetensors            the whole student, LoRA adapters included (what resume loads)
+  optimizer.safetensors + .json the torch optimizer's state_dict: tensors / everything else
+  scheduler.json               the LambdaLR state_dict
+  rng_<rank>.safetensors + .json torch (CPU, CUDA) / python and numpy RNG states per process
   student_trainable.safetensors the stage's trainable weights (safetensors)
   trainer_state.json           stage index, stage step, global step, data position (epoch,
                                batch index), skipped samples
+No pickles: `linvid.distill.checkpoint` writes and reads these with safetensors and JSON. FSDP
+and DeepSpeed runs write accelerate's own (sharded, partly pickled) save_state format instead.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from linvid.distill.checkpoint import load_training_state, save_training_state
 from linvid.distill.data import (
     IGNORE_INDEX,
     VideoConversationDataset,
@@ -284,7 +288,7 @@ def run_stage(
     scheduler = lr_scheduler(optimizer, total_steps, stage)
     model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        load_training_state(resume_from, accelerator, model, optimizer, scheduler)
     else:
         state.update(stage_index=stage_index, stage_step=0)
     teacher.to(accelerator.device)
@@ -365,7 +369,7 @@ def run_stage(
                 progress.set_postfix({key: f"{logged[key]:.4f}" for key in logged})
                 progress.update(1)
             if options.checkpoint_every and state["global_step"] % options.checkpoint_every == 0:
-                save_checkpoint(model, accelerator, options, state)
+                save_checkpoint(model, optimizer, scheduler, accelerator, options, state)
             if slow:
                 time.sleep(slow)
         resume_from = None
@@ -406,7 +410,9 @@ def latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(model, accelerator, options: RunOptions, state: dict) -> None:
+def save_checkpoint(
+    model, optimizer, scheduler, accelerator, options: RunOptions, state: dict
+) -> None:
     """Write the checkpoint of `state` atomically (temporary directory, then rename) and keep
     only the newest `keep_checkpoints`."""
     from safetensors.torch import save_file
@@ -418,7 +424,8 @@ def save_checkpoint(model, accelerator, options: RunOptions, state: dict) -> Non
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
+    save_training_state(temporary, accelerator, model, optimizer, scheduler)
+    accelerator.wait_for_everyone()  # every process's RNG files are in before the rename
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         trainable = {

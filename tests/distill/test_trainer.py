@@ -238,6 +238,31 @@ def test_nan_loss_stops_with_the_stage_and_step(workspace, tmp_path, capsys):
     assert not (out / "student").exists()
 
 
+def test_checkpoints_hold_no_pickles_and_refuse_a_missing_file(workspace, tmp_path, capsys):
+    out = tmp_path / "pickle_free"
+    command = arguments(workspace, out, "--checkpoint-every", "1")
+    assert main([*command, "--max-steps", "5"]) == 0  # the last checkpoint is in stage "mlp"
+    newest = out / "checkpoints" / "step-00000005"
+    assert sorted(path.name for path in newest.iterdir()) == [
+        "model.safetensors",
+        "optimizer.json",
+        "optimizer.safetensors",
+        "rng_0.json",
+        "rng_0.safetensors",
+        "scheduler.json",
+        "student_trainable.safetensors",
+        "trainer_state.json",
+    ]
+    for checkpoint in (out / "checkpoints").iterdir():
+        assert not [p for p in checkpoint.iterdir() if p.suffix in {".bin", ".pkl", ".pt"}]
+    optimizer = json.loads((newest / "optimizer.json").read_text())
+    assert optimizer["param_groups"] and all("betas" in g for g in optimizer["param_groups"])
+    (newest / "optimizer.safetensors").unlink()
+    assert main([*command, "--resume"]) == 2
+    message = capsys.readouterr().err
+    assert "optimizer.safetensors is missing" in message and str(newest) in message
+
+
 def test_clear_errors(workspace, tmp_path, capsys):
     missing = arguments(workspace, tmp_path / "a")
     missing[missing.index("--data") + 1] = str(tmp_path / "nowhere.jsonl")

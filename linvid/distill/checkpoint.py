@@ -1,0 +1,196 @@
+"""Pickle-free training state of a distillation checkpoint (model, optimizer, scheduler, RNG).
+
+Single-process and plain data-parallel runs (accelerate distributed types NO, MULTI_CPU,
+MULTI_GPU) write linvid's own format; nothing is ever unpickled on load:
+  model.safetensors              the whole (unwrapped) student, LoRA adapters included
+                                 (safetensors.torch.save_model: shared tensors stored once)
+  optimizer.safetensors          every tensor of the torch optimizer's state_dict()["state"],
+                                 keyed "state.<param_index>.<name>"
+  optimizer.json                 param_groups (hyperparameters and param indices) and, per
+                                 param index, its tensor names and its non-tensor entries
+  scheduler.json                 the LambdaLR state_dict() (lr_lambdas stored as None)
+  scaler.json                    the GradScaler state_dict(), only with fp16 mixed precision
+  rng_<rank>.safetensors         torch CPU RNG state and CUDA RNG states, one file per process
+  rng_<rank>.json                Python `random` and numpy RNG states, accelerate's step counter
+
+FSDP, DeepSpeed and the other backends shard model and optimizer their own way: for them the
+checkpoint is accelerate's own `save_state` format (which includes pickles) and is read back
+with `load_state`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_JSON = "optimizer.json"
+SCHEDULER_JSON = "scheduler.json"
+SCALER_JSON = "scaler.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be resumed from (a file missing or inconsistent)."""
+
+
+def uses_own_format(accelerator) -> bool:
+    """Whether this run's checkpoints use linvid's pickle-free format (else accelerate's)."""
+    from accelerate.utils import DistributedType
+
+    own = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+    return accelerator.distributed_type in own
+
+
+def rng_files(rank: int) -> tuple[str, str]:
+    return f"rng_{rank}.safetensors", f"rng_{rank}.json"
+
+
+def _torch_optimizer(optimizer):
+    """The torch optimizer inside accelerate's AcceleratedOptimizer (or itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _torch_scheduler(scheduler):
+    """The torch scheduler inside accelerate's AcceleratedScheduler (or itself)."""
+    return getattr(scheduler, "scheduler", scheduler)
+
+
+def _json_value(value, where: str):
+    if isinstance(value, tuple | list):
+        return [_json_value(item, where) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _json_value(item, where) for key, item in value.items()}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(f"{where}: cannot store {type(value).__name__} {value!r} as JSON")
+
+
+def _write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=1))
+
+
+def _read_json(path: Path):
+    with open(path) as file:
+        return json.load(file)
+
+
+def save_training_state(directory: Path, accelerator, model, optimizer, scheduler) -> None:
+    """Write the state needed to resume into `directory` (every process calls this)."""
+    from safetensors.torch import save_file, save_model
+
+    directory = Path(directory)
+    if not uses_own_format(accelerator):
+        accelerator.save_state(str(directory))
+        return
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), str(directory / MODEL_FILE))
+        full = _torch_optimizer(optimizer).state_dict()
+        tensors, entries = {}, {}
+        for index, values in full["state"].items():
+            entry = {"tensors": [], "values": {}}
+            for name, value in values.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
+                    entry["tensors"].append(name)
+                else:
+                    entry["values"][name] = _json_value(value, f"optimizer state {index}.{name}")
+            entries[str(index)] = entry
+        save_file(tensors, str(directory / OPTIMIZER_TENSORS))
+        groups = _json_value(full["param_groups"], "optimizer param_groups")
+        _write_json(directory / OPTIMIZER_JSON, {"param_groups": groups, "state": entries})
+        schedule = _json_value(_torch_scheduler(scheduler).state_dict(), "scheduler state")
+        _write_json(directory / SCHEDULER_JSON, schedule)
+        if accelerator.scaler is not None:
+            scaler = _json_value(accelerator.scaler.state_dict(), "gradient scaler state")
+            _write_json(directory / SCALER_JSON, scaler)
+    tensors_file, json_file = rng_files(accelerator.process_index)
+    generators = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for device, state in enumerate(torch.cuda.get_rng_state_all()):
+            generators[f"cuda.{device}"] = state
+    save_file(generators, str(directory / tensors_file))
+    version, python_state, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    _write_json(
+        directory / json_file,
+        {
+            "python": [version, list(python_state), gauss],
+            "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(cached)],
+            "accelerator_step": accelerator.step,
+        },
+    )
+
+
+def load_training_state(directory: Path, accelerator, model, optimizer, scheduler) -> None:
+    """Restore what `save_training_state` wrote; a missing file raises CheckpointError."""
+    from safetensors.torch import load_file, load_model
+
+    directory = Path(directory)
+    if not uses_own_format(accelerator):
+        accelerator.load_state(str(directory))
+        return
+    required = [MODEL_FILE, OPTIMIZER_TENSORS, OPTIMIZER_JSON, SCHEDULER_JSON]
+    required += rng_files(accelerator.process_index)
+    if accelerator.scaler is not None:
+        required.append(SCALER_JSON)
+    for name in required:
+        if not (directory / name).is_file():
+            raise CheckpointError(
+                f"checkpoint {directory} cannot be resumed: {name} is missing (checkpoints "
+                "written by FSDP/DeepSpeed runs or by older linvid versions hold "
+                "accelerate's save_state files instead)"
+            )
+
+    load_model(accelerator.unwrap_model(model), str(directory / MODEL_FILE), strict=True)
+
+    inner = _torch_optimizer(optimizer)
+    saved = _read_json(directory / OPTIMIZER_JSON)
+    tensors = load_file(str(directory / OPTIMIZER_TENSORS))
+    state = {}
+    for index, entry in saved["state"].items():
+        values = dict(entry["values"])
+        for name in entry["tensors"]:
+            key = f"state.{index}.{name}"
+            if key not in tensors:
+                raise CheckpointError(f"{directory / OPTIMIZER_TENSORS} has no tensor {key!r}")
+            values[name] = tensors[key]
+        state[int(index)] = values
+    if len(saved["param_groups"]) != len(inner.param_groups):
+        raise CheckpointError(
+            f"{directory / OPTIMIZER_JSON} holds {len(saved['param_groups'])} parameter "
+            f"groups, the optimizer has {len(inner.param_groups)}"
+        )
+    groups = []
+    for stored, live in zip(saved["param_groups"], inner.param_groups, strict=True):
+        # JSON has no tuples: give back tuples (e.g. AdamW's betas) where the optimizer has them.
+        groups.append(
+            {
+                key: tuple(value) if isinstance(live.get(key), tuple) else value
+                for key, value in stored.items()
+            }
+        )
+    # Optimizer.load_state_dict casts each tensor to its parameter's dtype and device (the
+    # "step" counters stay on the CPU unless the group is fused/capturable), as torch does.
+    inner.load_state_dict({"state": state, "param_groups": groups})
+
+    _torch_scheduler(scheduler).load_state_dict(_read_json(directory / SCHEDULER_JSON))
+    if accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(_read_json(directory / SCALER_JSON))
+
+    tensors_file, json_file = rng_files(accelerator.process_index)
+    generators = load_file(str(directory / tensors_file))
+    states = _read_json(directory / json_file)
+    torch.set_rng_state(generators["torch"])
+    cuda = [generators[f"cuda.{d}"] for d in range(len(generators)) if f"cuda.{d}" in generators]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    version, python_state, gauss = states["python"]
+    random.setstate((version, tuple(python_state), gauss))
+    name, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    accelerator.step = states["accelerator_step"]
