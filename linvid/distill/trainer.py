@@ -24,6 +24,25 @@ renamed, so a directory with that name is always complete:
                                batch index), skipped samples
 No pickles: `linvid.distill.checkpoint` writes and reads these with safetensors and JSON. FSDP
 and DeepSpeed runs write accelerate's own (sharded, partly pickled) save_state format instead.
+
+Token compression (paper 002, TimeViper), for Qwen2.5-VL students:
+- a recipe's `transv` schedule is applied to the student once, before the first stage, with
+  init "transfer" (`linvid.models.transv.apply_transv`); its parameters (`...transv.<layer>...`)
+  are then the student's, matched by stage patterns and parameter groups like any other. A
+  stage with `transv: false` runs with every TransV point dropping nothing
+  (`set_transv_enabled`); other stages run with TransV on, teacher-forced with
+  `transv_prompt_length` = the index of the first answer token. TransV takes one prompt length
+  per call, so every sample of a micro-batch must share it (right padding sits in the answer
+  part, which TransV leaves alone); a micro-batch whose prompts differ in length is refused
+  (use a per-process micro-batch of 1). Only "kl" and "ce" are allowed with TransV on: the
+  teacher (no TransV) scores the same answer tokens; "hidden" and "sequence" are refused.
+- a stage's `tokens_per_frame` merges each frame of the student's videos to that many tokens
+  after the vision tower (`linvid.models.frame_tome`, gradients flow into the merger) and
+  rebuilds placeholders, labels and M-RoPE positions. The paper trains TimeViper without a
+  teacher, so only "ce" stages may set it (the teacher would see other tokens). The vision
+  tower runs outside the wrapped model's forward here: tested in one process only.
+  `tome_keep_ratio` is still refused. With several processes (DDP), a stage with `transv:
+  false` must not train TransV parameters (they get no gradient).
 """
 
 from __future__ import annotations
@@ -87,20 +106,34 @@ class RunOptions:
     max_pixels: int | None = None
 
 
+TRANSV_LOSSES = ("kl", "ce")  # losses a stage with TransV on may weight
+TOME_LOSSES = ("ce",)  # losses a stage with tokens_per_frame may weight
+
+
 def check_recipe(recipe: Recipe) -> None:
     """Reject what this loop cannot run before any model is loaded."""
-    if recipe.transv is not None:
-        raise ValueError(
-            f"recipe {recipe.name!r} applies TransV ({recipe.transv!r}), which the trainer does "
-            "not do yet; apply_transv to the student, save it and pass it with --student"
-        )
     for stage in recipe.stages:
-        for name in ("tome_keep_ratio", "tokens_per_frame", "transv"):
-            value = getattr(stage, name)
-            if value is not None and not (name == "tome_keep_ratio" and value == 1.0):
+        weighted = sorted(name for name, weight in stage.losses.items() if weight > 0)
+        if stage.tome_keep_ratio is not None and stage.tome_keep_ratio != 1.0:
+            raise ValueError(
+                f"stage {stage.name!r} sets 'tome_keep_ratio', which the trainer does not apply "
+                "yet; remove it (or use tokens_per_frame) to train without it"
+            )
+        if stage.tokens_per_frame is not None:
+            other = [name for name in weighted if name not in TOME_LOSSES]
+            if other:
                 raise ValueError(
-                    f"stage {stage.name!r} sets {name!r}, which the trainer does not apply "
-                    "yet; remove it to train without it"
+                    f"stage {stage.name!r} sets 'tokens_per_frame' with losses {other}: per-frame "
+                    "ToMe is trained with 'ce' only (the teacher would see other video tokens)"
+                )
+        if stage.transv is True and recipe.transv is None:
+            continue  # the --student may hold TransV: checked once it is loaded
+        if recipe.transv is not None and stage.transv is not False:
+            other = [name for name in weighted if name not in TRANSV_LOSSES]
+            if other:
+                raise ValueError(
+                    f"stage {stage.name!r} runs with TransV on and weights {other}; with TransV "
+                    f"only {list(TRANSV_LOSSES)} are supported (set 'transv: false' for it)"
                 )
 
 
@@ -124,6 +157,15 @@ def build_models(options: RunOptions, recipe: Recipe):
             raise ValueError("give --student DIR or --plan PRESET (the recipe names no student)")
         torch.manual_seed(options.seed)
         student = linvid.convert(teacher, plan)
+    if recipe.transv is not None:
+        from linvid.models.transv import apply_transv, has_transv
+
+        if has_transv(student):
+            raise ValueError(
+                f"recipe {recipe.name!r} applies TransV ({recipe.transv!r}), but the student "
+                "already has TransV; pass a student without it or a recipe without 'transv'"
+            )
+        apply_transv(student, recipe.transv, init="transfer")
     student.train()
     return teacher, student, tokenizer
 
@@ -224,13 +266,105 @@ def token_counts(stage: Stage, teacher, batch, decodes: dict, dataset) -> torch.
     return torch.stack([counts[name] for name in weighted]).float()
 
 
+def merged_video_batch(model, inputs: dict, tokens_per_frame: int) -> dict:
+    """`inputs` (right-padded, one video per sample, with pixel_values_videos) with every frame
+    merged to `tokens_per_frame` tokens after `model`'s vision tower (paper 002 §3.1, under the
+    caller's grad mode): fewer video placeholders, labels and mm_token_type_ids cut alike,
+    explicit M-RoPE position_ids (4, B, L) (`merged_position_ids`), mm_encoder_outputs and a
+    video_grid_thw of the merged layout. Returns new right-padded inputs with "labels"."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from linvid.models.frame_tome import merge_video_tokens, merged_position_ids
+
+    config = model.config
+    merge_size = config.vision_config.spatial_merge_size
+    grids = inputs["video_grid_thw"]
+    if grids.shape[0] != inputs["input_ids"].shape[0] or "pixel_values_videos" not in inputs:
+        raise ValueError("tokens_per_frame needs exactly one video per sample, with its pixels")
+    vision = model.model.get_video_features(
+        inputs["pixel_values_videos"].to(model.dtype), grids, return_dict=True
+    )
+    interval = config.vision_config.tokens_per_second  # second_per_grid 1, as in transformers
+    features, rows = [], {name: [] for name in ("input_ids", "labels", "mm_token_type_ids")}
+    positions, layouts = [], []
+    for i, (t, height, width) in enumerate(grids.tolist()):
+        grid = (t, height // merge_size, width // merge_size)
+        merged = merge_video_tokens(
+            vision.pooler_output[i], grid, tokens_per_frame, time_interval=interval
+        )
+        length = int(inputs["attention_mask"][i].sum())
+        ids = inputs["input_ids"][i, :length]
+        video = (ids == config.video_token_id).nonzero().reshape(-1)
+        start, end = int(video[0]), int(video[-1]) + 1
+        keep = merged.num_tokens
+        for name in rows:
+            row = inputs[name][i, :length]
+            rows[name].append(torch.cat([row[:start], row[start : start + keep], row[end:]]))
+        positions.append(merged_position_ids(rows["input_ids"][-1], merged, config.video_token_id))
+        features.append(merged.features)
+        layout = merged.token_grid
+        layouts.append([layout[0], layout[1] * merge_size, layout[2] * merge_size])
+    lengths = torch.tensor([len(row) for row in rows["input_ids"]])
+    longest = int(lengths.max())
+
+    def pad(tensors, value):
+        return torch.stack(
+            [torch.nn.functional.pad(t, (0, longest - t.shape[-1]), value=value) for t in tensors]
+        )
+
+    padded_positions = []
+    for position in positions:  # padding continues each row's positions (masked anyway)
+        steps = torch.arange(1, longest - position.shape[-1] + 1, device=position.device)
+        padded_positions.append(torch.cat([position, position[..., -1:] + steps], dim=-1))
+    device = inputs["input_ids"].device
+    return {
+        "input_ids": pad(rows["input_ids"], 0),  # padding: masked, any id does
+        "attention_mask": (torch.arange(longest)[None, :] < lengths[:, None]).long().to(device),
+        "labels": pad(rows["labels"], IGNORE_INDEX),
+        "mm_token_type_ids": pad(rows["mm_token_type_ids"], 0),
+        "position_ids": torch.cat(padded_positions, dim=1),
+        "mm_encoder_outputs": {"video": BaseModelOutputWithPooling(pooler_output=tuple(features))},
+        "video_grid_thw": torch.tensor(layouts, device=device),
+    }
+
+
+def shared_prompt_length(labels: torch.Tensor, stage: Stage) -> int:
+    """The index of the first answer token, which every sample of the micro-batch must share
+    (TransV takes one `transv_prompt_length` per call)."""
+    lengths = {int((row != IGNORE_INDEX).nonzero()[0]) for row in labels}
+    if len(lengths) != 1:
+        raise ValueError(
+            f"stage {stage.name!r} runs with TransV, which needs one prompt length per call, but "
+            f"this micro-batch's prompts have lengths {sorted(lengths)}; use a per-process "
+            "micro-batch of 1 (batch_size = gradient_accumulation x processes) or prompts of "
+            "equal length"
+        )
+    return lengths.pop()
+
+
+def student_inputs(stage: Stage, model, batch, transv: bool) -> tuple[dict, torch.Tensor]:
+    """(the student's model inputs, labels) of one micro-batch: frames merged for a stage with
+    tokens_per_frame, `transv_prompt_length` when the student runs TransV."""
+    inputs = model_inputs(batch)
+    if stage.tokens_per_frame is not None:
+        inputs = merged_video_batch(model, inputs, stage.tokens_per_frame)
+    labels = inputs.pop("labels")
+    if transv:
+        inputs["transv_prompt_length"] = shared_prompt_length(labels, stage)
+    return inputs, labels
+
+
 def step_losses(
-    stage: Stage, student, teacher, batch, accelerator, decodes: dict, dataset
+    stage: Stage, student, teacher, batch, accelerator, decodes: dict, dataset, transv=False
 ) -> dict[str, torch.Tensor]:
     """The stage's weighted losses on one micro-batch, each the mean over its scored tokens
-    on this process (the caller rescales them to the whole optimizer step)."""
-    inputs = model_inputs(batch)
-    labels = inputs.pop("labels")
+    on this process (the caller rescales them to the whole optimizer step). transv: whether
+    the student runs with TransV on (the teacher never does)."""
+    unwrapped = accelerator.unwrap_model(student)
+    unwrapped = getattr(unwrapped, "get_base_model", lambda: unwrapped)()
+    inputs, labels = student_inputs(stage, unwrapped, batch, transv)
+    logits = student(**inputs, use_cache=False).logits  # (B, L, V)
+    inputs.pop("transv_prompt_length", None)  # the teacher's inputs below have no TransV
     weights = {name: weight for name, weight in stage.losses.items() if weight > 0}
     logits = student(**inputs, use_cache=False).logits  # (B, L, V)
     values = {}
@@ -274,6 +408,7 @@ def run_stage(
 
         student = get_peft_model(student, stage.lora.peft_config())
     freeze_for_stage(student, stage)
+    transv = stage_transv(student, stage)
     dataset = make_dataset(options, stage, tokenizer, student.config.vision_config)
     if len(dataset) < stage.batch_size:
         raise ValueError(
@@ -332,7 +467,9 @@ def run_stage(
             total = accelerator.reduce(sum(counts, local_total), reduction="sum")
             scale = accelerator.num_processes * stage.gradient_accumulation / total.clamp(min=1)
             for batch, local in zip(batches, counts, strict=True):
-                values = step_losses(stage, model, teacher, batch, accelerator, decodes, dataset)
+                values = step_losses(
+                    stage, model, teacher, batch, accelerator, decodes, dataset, transv
+                )
                 values = {
                     name: values[name] * local[i] * scale[i] for i, name in enumerate(weights)
                 }
@@ -381,6 +518,32 @@ def run_stage(
     if stage.lora is not None:
         student = student.merge_and_unload()
     return student
+
+
+def stage_transv(student, stage: Stage) -> bool:
+    """Switch the student's TransV on or off for `stage` (`transv: false` turns it off, null or
+    true leave it on); returns whether it is on. Refuses `transv: true` without TransV and
+    losses TransV cannot serve."""
+    from linvid.models.transv import has_transv, set_transv_enabled
+
+    if not has_transv(student):
+        if stage.transv:
+            raise ValueError(
+                f"stage {stage.name!r} sets 'transv: true' but the student has no TransV; give "
+                "the recipe a 'transv' schedule or a --student with TransV"
+            )
+        return False
+    on = stage.transv is not False
+    set_transv_enabled(student, on)
+    other = sorted(
+        name for name, weight in stage.losses.items() if weight > 0 and name not in TRANSV_LOSSES
+    )
+    if on and other:
+        raise ValueError(
+            f"stage {stage.name!r} runs with TransV on and weights {other}; with TransV only "
+            f"{list(TRANSV_LOSSES)} are supported (set 'transv: false' for it)"
+        )
+    return on
 
 
 def empty_on_any_process(accelerator, batch) -> bool:

@@ -13,6 +13,9 @@ decoder loop that runs every later layer on the shorter sequence.
 
 Calls without vision tokens to drop, and caches in which nothing was dropped, run transformers'
 own forward unchanged (so p = 0 is bit-identical to the model without TransV).
+`set_transv_enabled(model, False)` makes every TransV point drop nothing (that same forward, the
+TransV parameters unused, e.g. for a training stage that runs without token compression) until
+`set_transv_enabled(model, True)`; a fresh or loaded model starts enabled.
 
 Batches may be left-padded and their samples may hold different numbers of vision tokens: after
 a TransV point every sample is right-aligned again, the ones that dropped fewer tokens getting
@@ -175,12 +178,31 @@ def apply_transv(model, schedule, *, init: str = "transfer"):
     text_model.transv_vision_mask = None
     text_model.transv_prompt_length = None
     text_model.transv_context_holder = getattr(model, "context_holder", None)
+    text_model.transv_enabled = True
     text_model.__class__ = TransVTextModel
     model.register_forward_pre_hook(_find_vision_tokens, with_kwargs=True)
     model.register_forward_hook(_forget_vision_tokens, always_call=True)
     if hasattr(model.config, "linvid_plan"):
         model.config.linvid_transv = [asdict(point) for point in points]
     return model
+
+
+def has_transv(model) -> bool:
+    """Whether `model` (or a module inside it, e.g. a PEFT or DDP wrapper's) has TransV."""
+    return any(isinstance(module, TransVTextModel) for module in model.modules())
+
+
+def set_transv_enabled(model, enabled: bool) -> None:
+    """Switch every TransV inside `model` on or off. Off, no TransV point drops anything: the
+    forward is transformers' own (as with p = 0) and the TransV parameters get no gradient.
+    Raises ValueError when `model` has no TransV."""
+    found = False
+    for module in model.modules():
+        if isinstance(module, TransVTextModel):
+            module.transv_enabled = bool(enabled)
+            found = True
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no TransV to switch")
 
 
 def _find_vision_tokens(model, args, kwargs):
@@ -218,7 +240,8 @@ class TransVTextModel(Qwen2_5_VLTextModel):
 
     Extra attributes: transv (ModuleDict, layer index -> TransV), transv_schedule,
     transv_vision_mask (set per call by the model's hook), transv_context_holder (a student's
-    ContextHolder, whose MixerContext is shortened with the sequence, or None).
+    ContextHolder, whose MixerContext is shortened with the sequence, or None), transv_enabled
+    (`set_transv_enabled`: False makes every point drop nothing).
     The cache remembers what was dropped: `cache.transv_kept` {layer: (B, L') positions of the
     prefill tokens kept from that layer on, -1 for new left padding} and `cache.transv_masks`
     {layer: (B, cached) 2D padding mask of that segment's cached tokens}; decoded tokens are
@@ -237,9 +260,14 @@ class TransVTextModel(Qwen2_5_VLTextModel):
     ):
         vision_mask = self.transv_vision_mask
         dropped_before = bool(getattr(past_key_values, "transv_kept", None))
-        drops_now = vision_mask is not None and any(
-            dropped_count(int(vision_mask.sum(dim=1).max()), point.drop) > 0
-            for point in self.transv_schedule
+        enabled = getattr(self, "transv_enabled", True)
+        drops_now = (
+            enabled
+            and vision_mask is not None
+            and any(
+                dropped_count(int(vision_mask.sum(dim=1).max()), point.drop) > 0
+                for point in self.transv_schedule
+            )
         )
         if not drops_now and not dropped_before:
             return super().forward(

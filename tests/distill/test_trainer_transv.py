@@ -1,0 +1,173 @@
+"""TimeViper-style stages in the distillation loop: a recipe-level TransV schedule, a stage with
+TransV off and one with TransV on and per-frame ToMe (ce only), on a tiny teacher."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+import linvid
+from linvid.cli import main
+from linvid.distill.recipe import load_recipe
+from linvid.distill.trainer import check_recipe, shared_prompt_length
+from linvid.models.tiny import tiny_qwen2_5_vl_config
+from linvid.models.tokenizer import build_word_tokenizer, token_ids
+from linvid.models.transv import apply_transv, set_transv_enabled
+from linvid.video.io import write_video
+
+WORDS = "what is here a red blue green ball cat sits which colour yes no".split()
+COLOURS = {"red": (200, 20, 20), "blue": (20, 20, 200), "green": (20, 200, 20)}
+SIZE = 56 * 56
+RECIPE = """
+name: test_timeviper
+student: mamba2-hybrid-25
+transv: paper
+defaults:
+  steps: 2
+  batch_size: 2
+  data: test
+  learning_rate: 1.0e-3
+  losses: {ce: 1.0}
+stages:
+  - name: alignment
+    trainable: ['\\.visual\\.merger\\.']
+    transv: false
+  - name: instruction
+    trainable: ['\\.visual\\.merger\\.', '\\.language_model\\.|(^|\\.)lm_head\\.']
+    parameter_groups:
+      - {pattern: '\\.transv\\.', learning_rate: 5.0e-2}
+    transv: true
+    tokens_per_frame: 2
+"""
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("transv")
+    tokenizer = build_word_tokenizer(WORDS)
+    torch.manual_seed(0)
+    config = tiny_qwen2_5_vl_config(num_layers=4, token_ids=token_ids(tokenizer))
+    teacher = Qwen2_5_VLForConditionalGeneration(config)
+    teacher.save_pretrained(root / "teacher")
+    tokenizer.save_pretrained(root / "teacher")
+    records = []
+    for index, (name, colour) in enumerate(list(COLOURS.items()) * 2):
+        frames = torch.zeros(4, 3, 56, 56, dtype=torch.uint8)
+        frames += torch.tensor(colour, dtype=torch.uint8).view(1, 3, 1, 1)
+        frames[:, :, index * 6 : index * 6 + 12, 8:28] = 255
+        write_video(root / f"{index}.mp4", frames, fps=4)
+        answer = ["yes", f"a {name} ball", f"which {name} cat sits here"][index % 3]
+        records.append(
+            {
+                "video": f"{index}.mp4",
+                "conversations": [
+                    {"from": "human", "value": "<video>\nwhat is here"},
+                    {"from": "gpt", "value": answer},
+                ],
+            }
+        )
+    with open(root / "train.jsonl", "w") as file:
+        file.writelines(json.dumps(record) + "\n" for record in records)
+    (root / "recipe.yaml").write_text(RECIPE)
+    return root
+
+
+def arguments(workspace, out, recipe, *extra):
+    return [
+        "distill",
+        "--recipe",
+        str(recipe),
+        "--teacher",
+        str(workspace / "teacher"),
+        "--plan",
+        "mamba2-hybrid-25",
+        "--data",
+        str(workspace / "train.jsonl"),
+        "--out",
+        str(out),
+        "--num-frames",
+        "4",
+        "--min-pixels",
+        str(SIZE),
+        "--max-pixels",
+        str(SIZE),
+        *extra,
+    ]
+
+
+def alphas(weights: dict) -> dict:
+    found = {key: value for key, value in weights.items() if ".transv." in key and "alpha" in key}
+    assert found, "the student has no TransV alpha"
+    return found
+
+
+def test_transv_off_then_on_with_tome(workspace, tmp_path):
+    out = tmp_path / "run"
+    # Stop after stage 1, then run both stages: stage 1 must leave TransV alone.
+    assert (
+        main(
+            arguments(workspace, tmp_path / "first", workspace / "recipe.yaml", "--max-steps", "2")
+        )
+        == 0
+    )
+    after_first = alphas(load_file(str(tmp_path / "first" / "student" / "model.safetensors")))
+    assert all(float(value.abs().max()) == 0 for value in after_first.values())  # alpha starts at 0
+
+    assert main(arguments(workspace, out, workspace / "recipe.yaml")) == 0
+    after_both = alphas(load_file(str(out / "student" / "model.safetensors")))
+    assert any(float(value.abs().max()) > 0 for value in after_both.values())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert [row["stage"] for row in rows] == ["alignment"] * 2 + ["instruction"] * 2
+    assert all(torch.isfinite(torch.tensor(row["ce"])) for row in rows)
+    student = linvid.load(out / "student")  # saved with its TransV schedule
+    assert student.config.linvid_transv
+
+
+def test_shipped_demo_timeviper_runs(workspace, tmp_path):
+    out = tmp_path / "demo"
+    recipe = "demo_timeviper"
+    assert main(arguments(workspace, out, recipe, "--max-steps", "2")) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+
+
+def test_check_recipe_refuses_kl_with_tome(tmp_path):
+    path = tmp_path / "kl.yaml"
+    path.write_text(
+        RECIPE.replace("tokens_per_frame: 2", "tokens_per_frame: 2\n    losses: {kl: 1.0}")
+    )
+    with pytest.raises(ValueError, match="tokens_per_frame"):
+        check_recipe(load_recipe(path))
+
+
+def test_transv_switch_and_prompt_length_check():
+    torch.manual_seed(0)
+    teacher = Qwen2_5_VLForConditionalGeneration(tiny_qwen2_5_vl_config(num_layers=4)).eval()
+    student = linvid.convert(teacher, "mamba2-hybrid-25").eval()
+    config = student.config
+    ids = torch.full((1, 20), 5)
+    ids[:, 3:11] = config.video_token_id
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "mm_token_type_ids": (ids == config.video_token_id).int() * 2,
+        "video_grid_thw": torch.tensor([[2, 4, 4]]),
+        "pixel_values_videos": torch.randn(32, 3 * 2 * 14 * 14),
+    }
+    with torch.no_grad():
+        plain = student(**inputs).logits
+        apply_transv(student, "paper")
+        on = student(**inputs, transv_prompt_length=15).logits
+        set_transv_enabled(student, False)
+        off = student(**inputs, transv_prompt_length=15).logits
+    assert (on[0].abs().sum(-1) == 0).any()  # TransV dropped vision tokens
+    torch.testing.assert_close(off, plain, rtol=0, atol=0)
+    labels = torch.full((2, 6), -100)
+    labels[0, 3:] = 1
+    labels[1, 4:] = 1
+    with pytest.raises(ValueError, match="prompt length"):
+        shared_prompt_length(labels, SimpleNamespace(name="instruction"))
