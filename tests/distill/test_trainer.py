@@ -12,18 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from distill_workspace import write_workspace
 from safetensors.torch import load_file
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 import linvid
 from linvid.cli import main
-from linvid.models.tiny import tiny_qwen2_5_vl_config
-from linvid.models.tokenizer import build_word_tokenizer, token_ids
-from linvid.video.io import write_video
 
 REPO = Path(__file__).resolve().parents[2]
-WORDS = "what is here a red blue green ball cat sits which colour yes no".split()
-COLOURS = {"red": (200, 20, 20), "blue": (20, 20, 200), "green": (20, 200, 20)}
 SIZE = 56 * 56
 RECIPE = """
 name: test_two_stages
@@ -64,32 +60,8 @@ stages:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
-    tokenizer = build_word_tokenizer(WORDS)
-    torch.manual_seed(0)
-    teacher = Qwen2_5_VLForConditionalGeneration(
-        tiny_qwen2_5_vl_config(token_ids=token_ids(tokenizer))
-    )
-    teacher.save_pretrained(root / "teacher")
-    tokenizer.save_pretrained(root / "teacher")
-    records = []
-    for index, (name, colour) in enumerate(list(COLOURS.items()) * 2):
-        frames = torch.zeros(4, 3, 56, 56, dtype=torch.uint8)
-        frames += torch.tensor(colour, dtype=torch.uint8).view(1, 3, 1, 1)
-        frames[:, :, index * 6 : index * 6 + 12, 8:28] = 255
-        write_video(root / f"{index}.mp4", frames, fps=4)
-        # Answers of different lengths: padding and per-process token counts differ.
-        answer = ["yes", f"a {name} ball", f"which {name} cat sits here"][index % 4 % 3]
-        records.append(
-            {
-                "video": f"{index}.mp4",
-                "conversations": [
-                    {"from": "human", "value": "<video>\nwhat is here"},
-                    {"from": "gpt", "value": answer},
-                ],
-            }
-        )
-    with open(root / "train.jsonl", "w") as file:
-        file.writelines(json.dumps(record) + "\n" for record in records)
+    # Answers of different lengths: padding and per-process token counts differ.
+    records = write_workspace(root, answer_choice=lambda index: index % 4 % 3)
     for name, rate in (("recipe.yaml", "1.0e-3"), ("nan.yaml", "1.0e+30")):
         (root / name).write_text(RECIPE.format(lr=rate))
     (root / "hidden_lora.yaml").write_text(HIDDEN_LORA)

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from distill_workspace import write_workspace
 from safetensors.torch import load_file
 from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -14,12 +15,8 @@ from linvid.cli import main
 from linvid.distill.recipe import load_recipe
 from linvid.distill.trainer import check_recipe, shared_prompt_length
 from linvid.models.tiny import tiny_qwen2_5_vl_config
-from linvid.models.tokenizer import build_word_tokenizer, token_ids
 from linvid.models.transv import apply_transv, set_transv_enabled
-from linvid.video.io import write_video
 
-WORDS = "what is here a red blue green ball cat sits which colour yes no".split()
-COLOURS = {"red": (200, 20, 20), "blue": (20, 20, 200), "green": (20, 200, 20)}
 SIZE = 56 * 56
 RECIPE = """
 name: test_timeviper
@@ -47,30 +44,7 @@ stages:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("transv")
-    tokenizer = build_word_tokenizer(WORDS)
-    torch.manual_seed(0)
-    config = tiny_qwen2_5_vl_config(num_layers=4, token_ids=token_ids(tokenizer))
-    teacher = Qwen2_5_VLForConditionalGeneration(config)
-    teacher.save_pretrained(root / "teacher")
-    tokenizer.save_pretrained(root / "teacher")
-    records = []
-    for index, (name, colour) in enumerate(list(COLOURS.items()) * 2):
-        frames = torch.zeros(4, 3, 56, 56, dtype=torch.uint8)
-        frames += torch.tensor(colour, dtype=torch.uint8).view(1, 3, 1, 1)
-        frames[:, :, index * 6 : index * 6 + 12, 8:28] = 255
-        write_video(root / f"{index}.mp4", frames, fps=4)
-        answer = ["yes", f"a {name} ball", f"which {name} cat sits here"][index % 3]
-        records.append(
-            {
-                "video": f"{index}.mp4",
-                "conversations": [
-                    {"from": "human", "value": "<video>\nwhat is here"},
-                    {"from": "gpt", "value": answer},
-                ],
-            }
-        )
-    with open(root / "train.jsonl", "w") as file:
-        file.writelines(json.dumps(record) + "\n" for record in records)
+    write_workspace(root, num_layers=4)
     (root / "recipe.yaml").write_text(RECIPE)
     return root
 
