@@ -366,7 +366,6 @@ def step_losses(
     logits = student(**inputs, use_cache=False).logits  # (B, L, V)
     inputs.pop("transv_prompt_length", None)  # the teacher's inputs below have no TransV
     weights = {name: weight for name, weight in stage.losses.items() if weight > 0}
-    logits = student(**inputs, use_cache=False).logits  # (B, L, V)
     values = {}
     if "kl" in weights:
         with torch.no_grad():

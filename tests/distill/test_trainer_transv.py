@@ -145,3 +145,62 @@ def test_transv_switch_and_prompt_length_check():
     labels[1, 4:] = 1
     with pytest.raises(ValueError, match="prompt length"):
         shared_prompt_length(labels, SimpleNamespace(name="instruction"))
+
+
+def test_step_losses_runs_the_student_once_with_the_prompt_length(workspace):
+    """With TransV on, the student's logits are those of one forward with
+    transv_prompt_length = the first answer token (teacher forcing), not of a second forward
+    that treats the answer as part of the prompt."""
+    from transformers import AutoTokenizer
+
+    from linvid.distill.data import VideoConversationDataset, model_inputs, read_conversations
+    from linvid.distill.losses import cross_entropy
+    from linvid.distill.recipe import Stage
+    from linvid.distill.trainer import step_losses
+
+    teacher = Qwen2_5_VLForConditionalGeneration.from_pretrained(workspace / "teacher").eval()
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "teacher")
+    torch.manual_seed(0)
+    student = linvid.convert(teacher, "mamba2-hybrid-25").eval()
+    apply_transv(student, "paper", init="transfer")
+    for name, parameter in student.named_parameters():  # make TransV drop tokens visibly
+        if ".transv." in name and "alpha" in name:
+            parameter.data.fill_(1.0)
+    dataset = VideoConversationDataset(
+        read_conversations(workspace / "train.jsonl"),
+        tokenizer,
+        student.config.vision_config,
+        num_frames=4,
+        min_pixels=SIZE,
+        max_pixels=SIZE,
+    )
+    batch = dataset.collate([dataset[0]])
+    calls = []
+    student.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs.get("transv_prompt_length")),
+        with_kwargs=True,
+        prepend=True,  # before TransV's own hook, which takes the argument
+    )
+    stage = Stage.from_dict(
+        {
+            "name": "s",
+            "trainable": [".*"],
+            "losses": {"ce": 1.0},
+            "learning_rate": 1e-3,
+            "batch_size": 1,
+            "steps": 1,
+            "data": "test",
+        }
+    )
+    accelerator = SimpleNamespace(unwrap_model=lambda model: model)
+    with torch.no_grad():
+        values = step_losses(stage, student, teacher, batch, accelerator, {}, dataset, transv=True)
+    inputs = model_inputs(batch)
+    labels = inputs.pop("labels")
+    prompt_length = int((labels[0] != -100).nonzero()[0])
+    assert calls == [prompt_length]
+    with torch.no_grad():
+        forced = student(**inputs, transv_prompt_length=prompt_length, use_cache=False).logits
+        whole = student(**inputs, use_cache=False).logits
+    assert not torch.allclose(forced, whole)  # the prompt length matters here
+    torch.testing.assert_close(values["ce"], cross_entropy(forced, labels))
