@@ -124,7 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     student = distill.add_mutually_exclusive_group()
     student.add_argument("--student", help="student directory (a saved linvid model)")
     student.add_argument("--plan", help="conversion preset to build the student from the teacher")
-    distill.add_argument("--data", required=True, help="LLaVA-Video-style conversations JSONL")
+    distill.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        metavar="[NAME=]FILE",
+        help="LLaVA-Video-style conversations JSONL: FILE for every stage, NAME=FILE for the "
+        "stages whose recipe 'data' is NAME (repeatable; named files win over the default)",
+    )
     distill.add_argument("--out", required=True, help="run directory")
     distill.add_argument("--resume", action="store_true", help="continue the latest checkpoint")
     distill.add_argument("--checkpoint-every", type=int, default=0, help="optimizer steps")
@@ -149,9 +156,11 @@ def run_distill(arguments: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
     if arguments.keep_checkpoints < 1:
         raise ValueError(f"--keep-checkpoints must be >= 1, got {arguments.keep_checkpoints}")
+    default, by_name = data_arguments(arguments.data)
     options = RunOptions(
         teacher=arguments.teacher,
-        data=arguments.data,
+        data=default,
+        data_by_name=by_name,
         out=arguments.out,
         student=arguments.student,
         plan=arguments.plan,
@@ -167,6 +176,28 @@ def run_distill(arguments: argparse.Namespace) -> int:
     destination = distill(recipe, options)
     print(f"distilled student: {destination}")
     return 0
+
+
+def data_arguments(values: list[str]) -> tuple[str | None, dict[str, str]]:
+    """`--data` values -> (the default FILE or None, {NAME: FILE}). A value is NAME=FILE when
+    it has "=" and is not itself an existing file."""
+    import os
+
+    default, by_name = None, {}
+    for value in values:
+        name, equals, path = value.partition("=")
+        if equals and not os.path.isfile(value) and name and "/" not in name:
+            if name in by_name:
+                raise ValueError(f"--data names {name!r} twice")
+            by_name[name] = path
+        elif default is not None:
+            raise ValueError(
+                f"--data gives two default files ({default}, {value}); name all but one "
+                "as NAME=FILE"
+            )
+        else:
+            default = value
+    return default, by_name
 
 
 def run_convert(arguments: argparse.Namespace) -> int:

@@ -51,7 +51,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -63,6 +63,7 @@ from linvid.distill.data import (
     model_inputs,
     read_conversations,
 )
+from linvid.distill.decodes import TeacherDecodes, decodes_key
 from linvid.distill.hidden import hidden_alignment_loss
 from linvid.distill.losses import cross_entropy, sequence_kd, token_kl, weighted_total
 from linvid.distill.recipe import (
@@ -85,13 +86,15 @@ SEQUENCE_MIN_NEW_TOKENS = 16  # the teacher's greedy answers may run this long a
 class RunOptions:
     """Everything `linvid distill` is given besides the recipe.
 
-    data: the conversations JSONL every stage reads (a stage's `data` field names the data
-    the papers used; it is not resolved to a file here). num_frames / fps / min_pixels /
-    max_pixels: video sampling as in `VideoConversationDataset`.
+    data: the conversations JSONL read by every stage whose `data` name is not in
+    `data_by_name` (None: every stage's name must be there). data_by_name: a stage's `data`
+    name -> its JSONL (`--data NAME=FILE`); a name joined with "+" ("video_caption+video_qa")
+    reads each part's file. num_frames / fps / min_pixels / max_pixels: video sampling as in
+    `VideoConversationDataset`.
     """
 
     teacher: str
-    data: str
+    data: str | None
     out: str
     student: str | None = None
     plan: str | None = None
@@ -104,6 +107,27 @@ class RunOptions:
     fps: float | None = None
     min_pixels: int | None = None
     max_pixels: int | None = None
+    data_by_name: dict[str, str] = field(default_factory=dict)
+
+
+def stage_data_files(stage: Stage, options: RunOptions) -> list[str]:
+    """The JSONL files `stage` reads: each "+"-joined part of its `data` name from
+    options.data_by_name, else options.data; checked to exist."""
+    files = []
+    for part in stage.data.split("+"):
+        path = options.data_by_name.get(part.strip(), options.data)
+        if path is None:
+            known = sorted(options.data_by_name)
+            raise ValueError(
+                f"stage {stage.name!r} reads data {part.strip()!r}, which no --data names "
+                f"(named: {known}); pass --data {part.strip()}=FILE.jsonl or a default "
+                "--data FILE.jsonl"
+            )
+        if not os.path.isfile(path):
+            raise ValueError(f"data file not found: {path} (stage {stage.name!r})")
+        if path not in files:
+            files.append(path)
+    return files
 
 
 TRANSV_LOSSES = ("kl", "ce")  # losses a stage with TransV on may weight
@@ -170,15 +194,27 @@ def build_models(options: RunOptions, recipe: Recipe):
     return teacher, student, tokenizer
 
 
+def stage_decodes_key(stage: Stage, options: RunOptions) -> str:
+    """What the teacher's greedy answers to `stage`'s samples depend on, hashed."""
+    return decodes_key(
+        teacher=os.path.abspath(options.teacher),
+        data=[os.path.abspath(path) for path in stage_data_files(stage, options)],
+        sampling=[options.num_frames, options.fps, options.min_pixels, options.max_pixels],
+        max_sequence_length=stage.max_sequence_length,
+        min_new_tokens=SEQUENCE_MIN_NEW_TOKENS,
+    )
+
+
 def make_dataset(options: RunOptions, stage: Stage, tokenizer, vision_config):
-    if not os.path.isfile(options.data):
-        raise ValueError(f"data file not found: {options.data}")
+    samples = [
+        sample for path in stage_data_files(stage, options) for sample in read_conversations(path)
+    ]
     sampling = {"num_frames": options.num_frames, "fps": options.fps}
     for name in ("min_pixels", "max_pixels"):
         if getattr(options, name) is not None:
             sampling[name] = getattr(options, name)
     return VideoConversationDataset(
-        read_conversations(options.data),
+        samples,
         tokenizer,
         vision_config,
         max_sequence_length=stage.max_sequence_length,
@@ -198,8 +234,8 @@ def teacher_decode_batch(teacher, batch, decodes: dict, dataset) -> dict:
     """Sequence-level KD inputs (paper 003 eq. 8): each sample's first question followed by
     the teacher's own greedy answer, labelled on that answer only.
 
-    The teacher answers each sample once per run (`decodes`: sample index -> token ids, kept
-    in memory; after a resume they are decoded again, greedily, so identically): at most
+    The teacher answers each sample once (`decodes`: sample index -> token ids, a
+    `TeacherDecodes` store on disk that resumed runs and later stages reuse): at most
     max(SEQUENCE_MIN_NEW_TOKENS, ground-truth answer length) tokens, up to and including its
     end of turn. Returns model inputs (B, L') with "labels"; the videos are the batch's.
     """
@@ -412,7 +448,7 @@ def run_stage(
     if len(dataset) < stage.batch_size:
         raise ValueError(
             f"stage {stage.name!r}: batch_size {stage.batch_size} exceeds the "
-            f"{len(dataset)} samples of {options.data}"
+            f"{len(dataset)} samples of {stage_data_files(stage, options)}"
         )
     steps_per_epoch = len(dataset) // stage.batch_size
     total_steps = stage.total_steps(len(dataset))
@@ -427,7 +463,10 @@ def run_stage(
         state.update(stage_index=stage_index, stage_step=0)
     teacher.to(accelerator.device)
     slow = float(os.environ.get(SLOW_STEP_VARIABLE, "0"))
-    decodes: dict[int, list[int]] = {}  # the teacher's greedy answers, for "sequence"
+    decodes = TeacherDecodes(  # the teacher's greedy answers, for "sequence"
+        Path(options.out) / "teacher_decodes" / stage_decodes_key(stage, options),
+        accelerator.process_index,
+    )
     weights = {name: weight for name, weight in sorted(stage.losses.items()) if weight > 0}
 
     while state["stage_step"] < total_steps:
@@ -636,8 +675,8 @@ def distill(recipe: Recipe, options: RunOptions) -> Path:
     from tqdm import tqdm
 
     check_recipe(recipe)
-    if not os.path.isfile(options.data):
-        raise ValueError(f"data file not found: {options.data}")
+    for stage in recipe.stages:  # every stage's data, before any model is loaded
+        stage_data_files(stage, options)
     out = Path(options.out)
     accelerator = Accelerator(
         gradient_accumulation_steps=recipe.stages[0].gradient_accumulation,

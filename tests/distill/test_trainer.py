@@ -265,6 +265,13 @@ def test_hidden_sequence_and_lora_stages_and_skipped_samples(workspace, tmp_path
     assert not torch.equal(student.state_dict()[name], before[name])
 
 
+def decode_records(out):
+    """The teacher's stored greedy answers of a run (one store: one stage uses "sequence")."""
+    (store,) = (Path(out) / "teacher_decodes").iterdir()
+    lines = (store / "rank-0.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line]
+
+
 def test_resume_inside_a_lora_stage_matches_an_uninterrupted_run(workspace, tmp_path, capsys):
     reference = tmp_path / "reference"
     assert main(arguments(workspace, reference, recipe="hidden_lora.yaml")) == 0
@@ -275,7 +282,13 @@ def test_resume_inside_a_lora_stage_matches_an_uninterrupted_run(workspace, tmp_
     assert (state["stage_index"], state["stage_step"]) == (1, 1)
     assert main(first) == 2  # a fresh run must not mix with the old checkpoints
     assert "pass --resume" in capsys.readouterr().err
+    decoded_before = decode_records(out)
+    assert decoded_before  # step 3 (the LoRA stage's first) decoded its samples to disk
     assert main([*first, "--resume"]) == 0
+    decoded = decode_records(out)
+    assert decoded[: len(decoded_before)] == decoded_before
+    indices = [record["index"] for record in decoded]
+    assert len(indices) == len(set(indices)) > len(decoded_before)  # none decoded twice
     expected, resumed = student_weights(reference), student_weights(out)
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=1e-7, msg=name)
@@ -288,3 +301,50 @@ def test_gradient_accumulation_takes_the_same_steps(workspace, tmp_path):
     one, two = student_weights(whole), student_weights(accumulated)
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_stage_data_names_resolve_to_their_files(workspace, tmp_path):
+    from types import SimpleNamespace
+
+    from linvid.cli import data_arguments
+    from linvid.distill.trainer import RunOptions, make_dataset, stage_data_files
+
+    train = str(workspace / "train.jsonl")  # six samples
+    small = tmp_path / "small.jsonl"
+    small.write_text(
+        "".join(open(train).readlines()[:2]).replace('"video": "', f'"video": "{workspace}/')
+    )
+    default, by_name = data_arguments([train, f"captions={small}"])
+    assert (default, by_name) == (train, {"captions": str(small)})
+    options = RunOptions(teacher="t", data=default, data_by_name=by_name, out="o")
+
+    def stage(data):
+        return SimpleNamespace(
+            name="s", data=data, max_sequence_length=None, fail_on_bad_samples=False
+        )
+
+    assert stage_data_files(stage("captions"), options) == [str(small)]
+    assert stage_data_files(stage("other"), options) == [train]  # the default
+    assert stage_data_files(stage("captions+qa"), options) == [str(small), train]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "teacher")
+    vision = Qwen2_5_VLForConditionalGeneration.config_class.from_pretrained(
+        workspace / "teacher"
+    ).vision_config
+    assert len(make_dataset(options, stage("captions+qa"), tokenizer, vision)) == 2 + 6
+    named_only = RunOptions(teacher="t", data=None, data_by_name=by_name, out="o")
+    with pytest.raises(ValueError, match="--data qa=FILE.jsonl"):
+        stage_data_files(stage("captions+qa"), named_only)
+    with pytest.raises(ValueError, match="two default files"):
+        data_arguments([train, str(small)])
+    with pytest.raises(ValueError, match="names 'captions' twice"):
+        data_arguments([f"captions={small}", f"captions={train}"])
+
+
+def test_cli_names_a_stage_whose_data_has_no_file(workspace, tmp_path, capsys):
+    command = arguments(workspace, tmp_path / "run")
+    command[command.index("--data") + 1] = f"captions={workspace / 'train.jsonl'}"
+    assert main(command) != 0
+    error = capsys.readouterr().err
+    assert "stage 'mixers' reads data 'test'" in error and "--data test=FILE.jsonl" in error
