@@ -21,12 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="efficiency measurements")
     bench_commands = bench.add_subparsers(dest="bench_command", metavar="WHAT")
-    from linvid.bench import memory, ops, video_io
+    from linvid.bench import memory, models, ops, video_io
 
     for name, module, summary in (
         ("ops", ops, "time the sequence ops (WKV6, SSD) against same-run anchors"),
         ("video-io", video_io, "peak memory of loading a long video against its sampled frames"),
         ("memory", memory, "peak memory of `linvid ask` against the number of frames"),
+        ("models", models, "TTFT, decode throughput, memory and cache of teacher and students"),
     ):
         benchmark = bench_commands.add_parser(
             name,
