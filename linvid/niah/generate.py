@@ -220,8 +220,9 @@ def _haystack(rng, num_frames: int, size: int) -> np.ndarray:
     luma = luma_keys[low] * (1 - weight) + luma_keys[low + 1] * weight  # (T, g, g)
     chroma = chroma_keys[low] * (1 - weight[..., None]) + chroma_keys[low + 1] * weight[..., None]
     up = _upsampler(grid, size)  # (size, grid)
-    luma = np.einsum("yi,tij,xj->tyx", up, luma, up, optimize=True)
-    chroma = np.einsum("yi,tijc,xj->tyxc", up, chroma.astype(np.float32), up, optimize=True)
+    # Matmuls, not einsum: the same values, ~10x faster (the teacher trains on fresh samples).
+    luma = up @ luma @ up.T
+    chroma = (up @ chroma.astype(np.float32).transpose(0, 3, 1, 2) @ up.T).transpose(0, 2, 3, 1)
     axis = np.linspace(-1, 1, size, dtype=np.float32)
     angle = rng.uniform(0, 2 * np.pi) + t * rng.uniform(-0.2, 0.2)
     ramp = np.cos(angle)[:, None, None] * axis[None, None, :]
