@@ -38,6 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(benchmark)
         benchmark.set_defaults(run=module.main_from_arguments)
 
+    niah = commands.add_parser("niah", help="needle-in-a-video-haystack data (VNBench-style)")
+    niah_commands = niah.add_subparsers(dest="niah_command", metavar="WHAT")
+    from linvid.niah import dataset as niah_dataset
+
+    niah_generate = niah_commands.add_parser(
+        "generate",
+        help="write needle videos, vnbench.jsonl and conversations.jsonl",
+        description=niah_dataset.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    niah_dataset.add_arguments(niah_generate)
+    niah_generate.set_defaults(run=niah_dataset.main_from_arguments)
+
     scenes = commands.add_parser(
         "scenes",
         help="find a video's scene cuts and draw them on a contact sheet",
@@ -134,6 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
         "stages whose recipe 'data' is NAME (repeatable; named files win over the default)",
     )
     distill.add_argument("--out", required=True, help="run directory")
+    distill.add_argument(
+        "--feature-cache",
+        metavar="DIR",
+        help="where to keep the frozen vision tower's outputs (default RUN_DIR/vision_features; "
+        "one folder can serve every student of a teacher)",
+    )
+    distill.add_argument(
+        "--no-feature-cache",
+        action="store_true",
+        help="always run the vision tower on decoded frames",
+    )
     distill.add_argument("--resume", action="store_true", help="continue the latest checkpoint")
     distill.add_argument("--checkpoint-every", type=int, default=0, help="optimizer steps")
     distill.add_argument("--keep-checkpoints", type=int, default=2, help="newest kept")
@@ -162,6 +186,8 @@ def run_distill(arguments: argparse.Namespace) -> int:
         teacher=arguments.teacher,
         data=default,
         data_by_name=by_name,
+        feature_cache=not arguments.no_feature_cache,
+        feature_cache_dir=arguments.feature_cache,
         out=arguments.out,
         student=arguments.student,
         plan=arguments.plan,

@@ -60,6 +60,7 @@ from linvid.distill.checkpoint import load_training_state, save_training_state
 from linvid.distill.data import (
     IGNORE_INDEX,
     VideoConversationDataset,
+    cached_video_features,
     model_inputs,
     read_conversations,
 )
@@ -90,7 +91,9 @@ class RunOptions:
     `data_by_name` (None: every stage's name must be there). data_by_name: a stage's `data`
     name -> its JSONL (`--data NAME=FILE`); a name joined with "+" ("video_caption+video_qa")
     reads each part's file. num_frames / fps / min_pixels / max_pixels: video sampling as in
-    `VideoConversationDataset`.
+    `VideoConversationDataset`. feature_cache: keep the vision tower's outputs on disk for the
+    stages that can use them (`stage_feature_cache`), in feature_cache_dir (default
+    RUN_DIR/vision_features; share it between runs of students of one teacher).
     """
 
     teacher: str
@@ -108,6 +111,8 @@ class RunOptions:
     min_pixels: int | None = None
     max_pixels: int | None = None
     data_by_name: dict[str, str] = field(default_factory=dict)
+    feature_cache: bool = True
+    feature_cache_dir: str | None = None
 
 
 def stage_data_files(stage: Stage, options: RunOptions) -> list[str]:
@@ -205,7 +210,32 @@ def stage_decodes_key(stage: Stage, options: RunOptions) -> str:
     )
 
 
-def make_dataset(options: RunOptions, stage: Stage, tokenizer, vision_config):
+def stage_feature_cache(stage: Stage, student, teacher, options: RunOptions):
+    """The `VisionFeatureCache` a stage reads and fills (folder: the vision tower's
+    fingerprint), or None when the stage needs pixels: the feature cache is off, the stage
+    trains the vision tower, merges frames (tokens_per_frame), lets the teacher decode
+    ("sequence"), or weights a teacher loss while the teacher's vision tower differs from the
+    student's. Call after `freeze_for_stage`."""
+    from linvid.distill.data import VisionFeatureCache, vision_fingerprint
+
+    student = getattr(student, "get_base_model", lambda: student)()
+    visual = student.model.visual
+    if (
+        not options.feature_cache
+        or stage.tokens_per_frame is not None
+        or stage.losses.get("sequence", 0) > 0
+        or any(parameter.requires_grad for parameter in visual.parameters())
+    ):
+        return None
+    fingerprint = vision_fingerprint(student)
+    teacher_losses = any(stage.losses.get(name, 0) > 0 for name in ("kl", "hidden"))
+    if teacher_losses and vision_fingerprint(teacher) != fingerprint:
+        return None
+    root = Path(options.feature_cache_dir or Path(options.out) / "vision_features")
+    return VisionFeatureCache(root / fingerprint, fingerprint=fingerprint)
+
+
+def make_dataset(options: RunOptions, stage: Stage, tokenizer, vision_config, feature_cache=None):
     samples = [
         sample for path in stage_data_files(stage, options) for sample in read_conversations(path)
     ]
@@ -219,6 +249,7 @@ def make_dataset(options: RunOptions, stage: Stage, tokenizer, vision_config):
         vision_config,
         max_sequence_length=stage.max_sequence_length,
         fail_on_bad_samples=stage.fail_on_bad_samples,
+        feature_cache=feature_cache,
         **sampling,
     )
 
@@ -378,10 +409,17 @@ def shared_prompt_length(labels: torch.Tensor, stage: Stage) -> int:
     return lengths.pop()
 
 
-def student_inputs(stage: Stage, model, batch, transv: bool) -> tuple[dict, torch.Tensor]:
-    """(the student's model inputs, labels) of one micro-batch: frames merged for a stage with
+def student_inputs(
+    stage: Stage, model, batch, transv: bool, feature_cache=None
+) -> tuple[dict, torch.Tensor]:
+    """(the student's model inputs, labels) of one micro-batch: the vision tower's outputs
+    from `feature_cache` (as mm_encoder_outputs) when given, frames merged for a stage with
     tokens_per_frame, `transv_prompt_length` when the student runs TransV."""
-    inputs = model_inputs(batch)
+    if feature_cache is not None:
+        inputs = model_inputs(batch, pixels=False)
+        inputs["mm_encoder_outputs"] = cached_video_features(model, batch, feature_cache)
+    else:
+        inputs = model_inputs(batch)
     if stage.tokens_per_frame is not None:
         inputs = merged_video_batch(model, inputs, stage.tokens_per_frame)
     labels = inputs.pop("labels")
@@ -398,7 +436,7 @@ def step_losses(
     the student runs with TransV on (the teacher never does)."""
     unwrapped = accelerator.unwrap_model(student)
     unwrapped = getattr(unwrapped, "get_base_model", lambda: unwrapped)()
-    inputs, labels = student_inputs(stage, unwrapped, batch, transv)
+    inputs, labels = student_inputs(stage, unwrapped, batch, transv, dataset.feature_cache)
     logits = student(**inputs, use_cache=False).logits  # (B, L, V)
     inputs.pop("transv_prompt_length", None)  # the teacher's inputs below have no TransV
     weights = {name: weight for name, weight in stage.losses.items() if weight > 0}
@@ -444,7 +482,8 @@ def run_stage(
         student = get_peft_model(student, stage.lora.peft_config())
     freeze_for_stage(student, stage)
     transv = stage_transv(student, stage)
-    dataset = make_dataset(options, stage, tokenizer, student.config.vision_config)
+    feature_cache = stage_feature_cache(stage, student, teacher, options)
+    dataset = make_dataset(options, stage, tokenizer, student.config.vision_config, feature_cache)
     if len(dataset) < stage.batch_size:
         raise ValueError(
             f"stage {stage.name!r}: batch_size {stage.batch_size} exceeds the "
@@ -549,6 +588,8 @@ def run_stage(
                 time.sleep(slow)
         resume_from = None
 
+    if feature_cache is not None:
+        feature_cache.flush()
     if accelerator.is_main_process:
         plot_stage(Path(options.out), stage.name)
     student = accelerator.unwrap_model(model)

@@ -348,3 +348,29 @@ def test_cli_names_a_stage_whose_data_has_no_file(workspace, tmp_path, capsys):
     assert main(command) != 0
     error = capsys.readouterr().err
     assert "stage 'mixers' reads data 'test'" in error and "--data test=FILE.jsonl" in error
+
+
+def test_vision_feature_cache_changes_nothing_but_the_work(workspace, tmp_path, monkeypatch):
+    """Both stages freeze the vision tower and share the teacher's: the run decodes each of
+    the 6 videos once and reads the tower's outputs from disk after that, and ends with the
+    weights of a run that decodes and encodes every sample (2 stages x 4 steps x 2)."""
+    import linvid.distill.data as data
+    from linvid.distill.data import VisionFeatureCache
+
+    decoded = []
+    load_video = data.load_video
+    monkeypatch.setattr(
+        data, "load_video", lambda *a, **k: decoded.append(a) or load_video(*a, **k)
+    )
+    cached, plain = tmp_path / "cached", tmp_path / "plain"
+    features = tmp_path / "features"
+    assert main(arguments(workspace, cached, "--feature-cache", str(features))) == 0
+    assert len(decoded) == 6
+    assert main(arguments(workspace, plain, "--no-feature-cache")) == 0
+    assert len(decoded) - 6 >= 16  # (accelerate's loader also reads one batch ahead)
+    (folder,) = features.iterdir()
+    assert len(VisionFeatureCache(folder)) == 6
+    assert not (plain / "vision_features").exists()
+    one, two = student_weights(plain), student_weights(cached)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-6, msg=name)
