@@ -41,7 +41,11 @@ Token compression (paper 002, TimeViper), for Qwen2.5-VL students:
   rebuilds placeholders, labels and M-RoPE positions. The paper trains TimeViper without a
   teacher, so only "ce" stages may set it (the teacher would see other tokens). The vision
   tower runs outside the wrapped model's forward here: tested in one process only.
-  `tome_keep_ratio` is still refused. With several processes (DDP), a stage with `transv:
+- a stage's `tome_keep_ratio` < 1 (paper 001, AuroraLong: 10% of the visual tokens) does the
+  same with round(ratio x the frame's tokens) per frame, merged tokens sorted by ascending
+  size (paper 001 §3.2.2). AuroraLong merges inside its SigLIP ViT; for a Qwen2.5-VL student
+  linvid merges after the tower, whose window attention needs the whole patch grid.
+  With several processes (DDP), a stage with `transv:
   false` must not train TransV parameters (they get no gradient).
 """
 
@@ -139,20 +143,22 @@ TRANSV_LOSSES = ("kl", "ce")  # losses a stage with TransV on may weight
 TOME_LOSSES = ("ce",)  # losses a stage with tokens_per_frame may weight
 
 
+def merges_frames(stage: Stage) -> bool:
+    """Whether the stage merges the student's frame tokens (tokens_per_frame, or a
+    tome_keep_ratio below 1)."""
+    return stage.tokens_per_frame is not None or (stage.tome_keep_ratio or 1.0) < 1.0
+
+
 def check_recipe(recipe: Recipe) -> None:
     """Reject what this loop cannot run before any model is loaded."""
     for stage in recipe.stages:
         weighted = sorted(name for name, weight in stage.losses.items() if weight > 0)
-        if stage.tome_keep_ratio is not None and stage.tome_keep_ratio != 1.0:
-            raise ValueError(
-                f"stage {stage.name!r} sets 'tome_keep_ratio', which the trainer does not apply "
-                "yet; remove it (or use tokens_per_frame) to train without it"
-            )
-        if stage.tokens_per_frame is not None:
+        if merges_frames(stage):
             other = [name for name in weighted if name not in TOME_LOSSES]
             if other:
+                field_name = "tokens_per_frame" if stage.tokens_per_frame else "tome_keep_ratio"
                 raise ValueError(
-                    f"stage {stage.name!r} sets 'tokens_per_frame' with losses {other}: per-frame "
+                    f"stage {stage.name!r} sets {field_name!r} with losses {other}: per-frame "
                     "ToMe is trained with 'ce' only (the teacher would see other video tokens)"
                 )
         if stage.transv is True and recipe.transv is None:
@@ -222,7 +228,7 @@ def stage_feature_cache(stage: Stage, student, teacher, options: RunOptions):
     visual = student.model.visual
     if (
         not options.feature_cache
-        or stage.tokens_per_frame is not None
+        or merges_frames(stage)
         or stage.losses.get("sequence", 0) > 0
         or any(parameter.requires_grad for parameter in visual.parameters())
     ):
@@ -333,10 +339,14 @@ def token_counts(stage: Stage, teacher, batch, decodes: dict, dataset) -> torch.
     return torch.stack([counts[name] for name in weighted]).float()
 
 
-def merged_video_batch(model, inputs: dict, tokens_per_frame: int) -> dict:
+def merged_video_batch(
+    model, inputs: dict, tokens_per_frame: int | None, keep_ratio: float | None = None
+) -> dict:
     """`inputs` (right-padded, one video per sample, with pixel_values_videos) with every frame
-    merged to `tokens_per_frame` tokens after `model`'s vision tower (paper 002 §3.1, under the
-    caller's grad mode): fewer video placeholders, labels and mm_token_type_ids cut alike,
+    merged to `tokens_per_frame` tokens, or to max(1, round(keep_ratio x its tokens)), after
+    `model`'s vision tower (paper 002 §3.1; paper 001's keep ratio, here applied per frame
+    after the tower; under the caller's grad mode), merged tokens in ascending size order
+    (paper 001 §3.2.2): fewer video placeholders, labels and mm_token_type_ids cut alike,
     explicit M-RoPE position_ids (4, B, L) (`merged_position_ids`), mm_encoder_outputs and a
     video_grid_thw of the merged layout. Returns new right-padded inputs with "labels"."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -347,7 +357,7 @@ def merged_video_batch(model, inputs: dict, tokens_per_frame: int) -> dict:
     merge_size = config.vision_config.spatial_merge_size
     grids = inputs["video_grid_thw"]
     if grids.shape[0] != inputs["input_ids"].shape[0] or "pixel_values_videos" not in inputs:
-        raise ValueError("tokens_per_frame needs exactly one video per sample, with its pixels")
+        raise ValueError("per-frame ToMe needs exactly one video per sample, with its pixels")
     vision = model.model.get_video_features(
         inputs["pixel_values_videos"].to(model.dtype), grids, return_dict=True
     )
@@ -356,9 +366,8 @@ def merged_video_batch(model, inputs: dict, tokens_per_frame: int) -> dict:
     positions, layouts = [], []
     for i, (t, height, width) in enumerate(grids.tolist()):
         grid = (t, height // merge_size, width // merge_size)
-        merged = merge_video_tokens(
-            vision.pooler_output[i], grid, tokens_per_frame, time_interval=interval
-        )
+        budget = tokens_per_frame or max(1, round(keep_ratio * grid[1] * grid[2]))
+        merged = merge_video_tokens(vision.pooler_output[i], grid, budget, time_interval=interval)
         length = int(inputs["attention_mask"][i].sum())
         ids = inputs["input_ids"][i, :length]
         video = (ids == config.video_token_id).nonzero().reshape(-1)
@@ -420,8 +429,8 @@ def student_inputs(
         inputs["mm_encoder_outputs"] = cached_video_features(model, batch, feature_cache)
     else:
         inputs = model_inputs(batch)
-    if stage.tokens_per_frame is not None:
-        inputs = merged_video_batch(model, inputs, stage.tokens_per_frame)
+    if merges_frames(stage):
+        inputs = merged_video_batch(model, inputs, stage.tokens_per_frame, stage.tome_keep_ratio)
     labels = inputs.pop("labels")
     if transv:
         inputs["transv_prompt_length"] = shared_prompt_length(labels, stage)
