@@ -1,5 +1,5 @@
 """AuroraLong-style stages: `tome_keep_ratio` merges every frame of the student's videos to that
-share of its tokens (ce only), and the shipped AuroraLong recipes are accepted."""
+share of its tokens (ce only), an epoch-long stage, and the shipped AuroraLong recipes."""
 
 import json
 
@@ -23,6 +23,7 @@ stages:
   - name: connector
     trainable: ['\\.visual\\.merger\\.']
     tome_keep_ratio: 1.0
+    epochs: 1  # 6 samples in batches of 2: 3 steps
   - name: language
     trainable: ['\\.visual\\.', '\\.language_model\\.|(^|\\.)lm_head\\.']
     tome_keep_ratio: 0.25
@@ -47,7 +48,7 @@ def test_keep_ratio_stage_trains(workspace, tmp_path):
     ]  # fmt: skip
     assert main(command) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [row["stage"] for row in rows] == ["connector"] * 2 + ["language"] * 2
+    assert [row["stage"] for row in rows] == ["connector"] * 3 + ["language"] * 2
     assert all(torch.isfinite(torch.tensor(row["ce"])) for row in rows)
     assert linvid.load(out / "student") is not None
 
