@@ -37,6 +37,8 @@ from pathlib import Path
 
 import yaml
 
+from linvid.eval.prompts import PROMPT_STYLES
+
 LOSSES = ("kl", "hidden", "sequence", "ce")
 SCHEDULES = ("cosine", "constant")
 CONVERTED = "{converted}"
@@ -167,6 +169,8 @@ class Stage:
         one): the fraction of ViT tokens kept (paper 001) or tokens per frame (paper 002).
     transv: TransV on (True) or off (False) for this stage; None leaves the model as built.
     fail_on_bad_samples: raise on an undecodable sample instead of skipping and counting it.
+    prompt_style: "standard" (video, then question) or "sandwich" (question, video,
+        question; paper 001 §3.2.3) for the turn holding the video.
     """
 
     name: str
@@ -190,6 +194,7 @@ class Stage:
     tokens_per_frame: int | None = None
     transv: bool | None = None
     fail_on_bad_samples: bool = True
+    prompt_style: str = "standard"
 
     @staticmethod
     def from_dict(data) -> Stage:
@@ -289,6 +294,11 @@ class Stage:
 
         if data.get("lora") is not None:
             values["lora"] = _lora(stage, data["lora"])
+
+        if data.get("prompt_style", "standard") not in PROMPT_STYLES:
+            raise _stage_error(
+                stage, "prompt_style", f"one of {PROMPT_STYLES}", data.get("prompt_style")
+            )
 
         if data.get("tome_keep_ratio") is not None and data.get("tokens_per_frame") is not None:
             raise ValueError(

@@ -255,6 +255,7 @@ def make_dataset(options: RunOptions, stage: Stage, tokenizer, vision_config, fe
         vision_config,
         max_sequence_length=stage.max_sequence_length,
         fail_on_bad_samples=stage.fail_on_bad_samples,
+        style=stage.prompt_style,
         feature_cache=feature_cache,
         **sampling,
     )

@@ -244,3 +244,15 @@ def test_parameter_groups_lrs_decay_and_scheduler(students):
         scheduler.step()
     ratios = {g["lr"] / g["initial_lr"] for g in optimizer.param_groups}
     assert len(ratios) == 1 and ratios.pop() == pytest.approx(learning_rate_factor(2, 10, stage))
+
+
+def test_prompt_style_is_read_and_checked(tmp_path):
+    assert {stage.prompt_style for stage in load_recipe("auroralong").stages} == {"sandwich"}
+    assert {stage.prompt_style for stage in load_recipe("qwen_rwkv_vl").stages} == {"standard"}
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "name: bad\nstages:\n  - {name: s, trainable: ['x'], losses: {ce: 1}, learning_rate: 1,"
+        " batch_size: 1, steps: 1, data: d, prompt_style: spiral}\n"
+    )
+    with pytest.raises(ValueError, match="prompt_style"):
+        load_recipe(path)

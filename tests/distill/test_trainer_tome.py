@@ -38,15 +38,18 @@ def workspace(tmp_path_factory):
     return root
 
 
-def test_keep_ratio_stage_trains(workspace, tmp_path):
-    out = tmp_path / "run"
-    command = [
-        "distill", "--recipe", str(workspace / "recipe.yaml"),
+def command(workspace, out, recipe):
+    return [
+        "distill", "--recipe", recipe,
         "--teacher", str(workspace / "teacher"), "--data", str(workspace / "train.jsonl"),
         "--out", str(out), "--num-frames", "4",
         "--min-pixels", str(SIZE), "--max-pixels", str(SIZE),
     ]  # fmt: skip
-    assert main(command) == 0
+
+
+def test_keep_ratio_stage_trains(workspace, tmp_path):
+    out = tmp_path / "run"
+    assert main(command(workspace, out, str(workspace / "recipe.yaml"))) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["stage"] for row in rows] == ["connector"] * 3 + ["language"] * 2
     assert all(torch.isfinite(torch.tensor(row["ce"])) for row in rows)
@@ -90,3 +93,10 @@ def test_keep_ratio_with_kl_is_refused(tmp_path):
     )
     with pytest.raises(ValueError, match="'tome_keep_ratio' with losses \\['kl'\\]"):
         check_recipe(load_recipe(path))
+
+
+def test_shipped_demo_auroralong_runs_with_sandwich_prompts(workspace, tmp_path):
+    out = tmp_path / "demo"
+    assert main([*command(workspace, out, "demo_auroralong"), "--max-steps", "2"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
