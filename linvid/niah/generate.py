@@ -63,7 +63,9 @@ class NeedleSample:
     words, colour sequences, counts). needle_frames: every frame showing a needle, sorted.
     depth: first needle frame / T. needle_colours: the colour of each needle event in time
     order (ordering: three colours; counting: the counted colour k times). shape: the
-    retrieval/counting needle's shape ("" for ordering, whose shapes vary)."""
+    retrieval/counting needle's shape ("" for ordering, whose shapes vary). events: the first
+    frame of each needle event. style: "insert" for a retrieval needle shown on whole frames
+    of its own, else "edit"."""
 
     task: str
     frames: np.ndarray
@@ -75,6 +77,7 @@ class NeedleSample:
     needle_colours: tuple[str, ...] = ()
     shape: str = ""
     events: tuple[int, ...] = ()  # first frame of each needle event
+    style: str = "edit"  # "edit": drawn over the haystack; "insert": replaces whole frames
 
     @property
     def answer(self) -> str:
@@ -158,6 +161,7 @@ def make_sample(task: str, num_frames: int, seed: int, *, size: int = 56) -> Nee
         needle_colours=tuple(colours),
         shape=shape,
         events=tuple(events),
+        style="insert" if insert else "edit",
     )
 
 
@@ -208,45 +212,54 @@ def _event_starts(rng, num_frames: int, count: int) -> list[int]:
 
 def _haystack(rng, num_frames: int, size: int) -> np.ndarray:
     """(T, size, size, 3) uint8: smooth drifting colour noise, a moving gradient, moving
-    stripes and a moving distractor, all grey-ish (chroma at most MAX_CHROMA per channel)."""
+    stripes and a moving distractor, all grey-ish (chroma at most MAX_CHROMA per channel).
+    Built channels-first in float32 (long inner loops), transposed once at the end."""
     t = np.arange(num_frames, dtype=np.float32)
     grid, keyframe_every = 5, 8
     keys = num_frames // keyframe_every + 2
-    luma_keys = rng.uniform(60, 190, size=(keys, grid, grid)).astype(np.float32)
-    chroma_keys = rng.uniform(-MAX_CHROMA, MAX_CHROMA, size=(keys, grid, grid, 3))
+    luma_keys = rng.uniform(60, 190, size=(keys, 1, grid, grid)).astype(np.float32)
+    chroma_keys = rng.uniform(-MAX_CHROMA, MAX_CHROMA, size=(keys, 3, grid, grid))
+    field_keys = np.concatenate((luma_keys, chroma_keys.astype(np.float32)), axis=1)
     position = t / keyframe_every
     low = position.astype(np.int64)
-    weight = (position - low)[:, None, None]
-    luma = luma_keys[low] * (1 - weight) + luma_keys[low + 1] * weight  # (T, g, g)
-    chroma = chroma_keys[low] * (1 - weight[..., None]) + chroma_keys[low + 1] * weight[..., None]
+    weight = (position - low)[:, None, None, None]
+    field = field_keys[low] * (1 - weight) + field_keys[low + 1] * weight  # (T, 4, g, g)
     up = _upsampler(grid, size)  # (size, grid)
-    # Matmuls, not einsum: the same values, ~10x faster (the teacher trains on fresh samples).
-    luma = up @ luma @ up.T
-    chroma = (up @ chroma.astype(np.float32).transpose(0, 3, 1, 2) @ up.T).transpose(0, 2, 3, 1)
+    # Matmuls, not einsum: the same values, several times faster (the teacher trains on
+    # fresh samples).
+    field = up @ field @ up.T  # (T, 4, size, size): luma, then 3 chroma offsets
+    luma, chroma = field[:, 0], field[:, 1:]
     axis = np.linspace(-1, 1, size, dtype=np.float32)
     angle = rng.uniform(0, 2 * np.pi) + t * rng.uniform(-0.2, 0.2)
-    ramp = np.cos(angle)[:, None, None] * axis[None, None, :]
-    ramp = ramp + np.sin(angle)[:, None, None] * axis[None, :, None]
-    luma += rng.uniform(10, 30) * ramp
+    strength = rng.uniform(10, 30)
+    luma += (strength * np.cos(angle))[:, None, None] * axis[None, None, :]
+    luma += (strength * np.sin(angle))[:, None, None] * axis[None, :, None]
+    # Stripes sin(f * phase(y, x) + speed * t), expanded so that only (size, size) needs trig.
     stripe_angle = rng.uniform(0, np.pi)
     phase = np.cos(stripe_angle) * axis[None, :] + np.sin(stripe_angle) * axis[:, None]
     frequency, speed = rng.uniform(4, 10), rng.uniform(-0.6, 0.6)
-    luma += rng.uniform(0, 12) * np.sin(frequency * np.pi * phase[None] + speed * t[:, None, None])
+    amplitude = rng.uniform(0, 12)
+    wave = frequency * np.pi * phase
+    luma += (amplitude * np.cos(speed * t))[:, None, None] * np.sin(wave)
+    luma += (amplitude * np.sin(speed * t))[:, None, None] * np.cos(wave)
     # The distractor: a grey-level square or disk of radius ~size/8 bouncing around.
     radius = size / 8
     centre = rng.uniform(radius, size - radius, size=2)
     velocity = rng.uniform(-2.0, 2.0, size=2) * size / 56
     span = size - 2 * radius
     path = np.abs((centre - radius + velocity * t[:, None]) % (2 * span) - span)
-    path = span - path + radius  # reflected into [radius, size - radius]
+    path = (span - path + radius).astype(np.float32)  # reflected into [radius, size - radius]
     pixels = np.arange(size, dtype=np.float32)
     dy = np.abs(pixels[None, :, None] - path[:, 0, None, None])
     dx = np.abs(pixels[None, None, :] - path[:, 1, None, None])
     disc = dx**2 + dy**2 <= radius**2 if rng.integers(2) else np.maximum(dx, dy) <= radius
-    luma = np.where(disc, np.float32(rng.choice((20.0, 128.0, 235.0))), luma)
-    chroma *= ~disc[..., None]
-    frames = luma[..., None] + chroma
-    return np.clip(frames, 0, 255).astype(np.uint8)
+    luma[disc] = rng.choice((20.0, 128.0, 235.0))
+    chroma *= ~disc[:, None]
+    chroma += luma[:, None]
+    np.clip(chroma, 0, 255, out=chroma)
+    frames = np.empty((num_frames, size, size, 3), np.uint8)
+    np.copyto(frames, chroma.transpose(0, 2, 3, 1), casting="unsafe")
+    return frames
 
 
 @functools.cache

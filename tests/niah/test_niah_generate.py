@@ -25,7 +25,7 @@ def colour_fraction(frames: np.ndarray, colour: str, tolerance: float = 60.0) ->
 @pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("num_frames", [16, 256])
 def test_sample_shapes_answer_and_needles(task, num_frames):
-    for seed in range(6):
+    for seed in range(6 if num_frames == 16 else 2):
         sample = make_sample(task, num_frames, seed)
         assert sample.frames.shape == (num_frames, 56, 56, 3)
         assert sample.frames.dtype == np.uint8
@@ -81,11 +81,11 @@ def test_deterministic_and_seed_dependent():
 
 
 def test_depths_cover_the_video_and_answers_are_balanced():
-    depths = [make_sample("retrieval", 64, seed).depth for seed in range(400)]
+    depths = [make_sample("retrieval", 16, seed).depth for seed in range(200)]
     counts, _ = np.histogram(depths, bins=4, range=(0, 1))
-    assert counts.min() > 60  # ~100 expected per quarter
-    positions = [make_sample("counting", 16, seed).answer_index for seed in range(400)]
-    assert np.bincount(positions, minlength=4).min() > 60
+    assert counts.min() > 25  # ~50 expected per quarter
+    positions = [make_sample("counting", 16, seed).answer_index for seed in range(200)]
+    assert np.bincount(positions, minlength=4).min() > 25
 
 
 def test_both_retrieval_modes_occur():
@@ -95,6 +95,7 @@ def test_both_retrieval_modes_occur():
         sample = make_sample("retrieval", 16, seed)
         frame = sample.frames[sample.events[0]].reshape(-1, 3)
         flat.append(len(np.unique(frame, axis=0)) == 2)
+        assert flat[-1] == (sample.style == "insert")
     assert any(flat) and not all(flat)
 
 
