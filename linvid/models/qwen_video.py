@@ -17,6 +17,21 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Qwen2-VL's video processor defaults: at least 128 and at most 768 merged tokens per frame.
 MIN_PIXELS = 128 * 28 * 28
 MAX_PIXELS = 768 * 28 * 28
+# Mean and std that map [0, 1] to [-1, 1] (models trained from scratch here, the demo teacher).
+SYMMETRIC_MEAN = (0.5, 0.5, 0.5)
+SYMMETRIC_STD = (0.5, 0.5, 0.5)
+# Config attribute naming a model's pixel statistics when they are not CLIP's.
+PIXEL_STATISTICS_KEY = "video_pixel_statistics"
+
+
+def pixel_statistics(config) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) a model's video pixels are normalised with: the config's
+    `video_pixel_statistics` {"mean": [...], "std": [...]} if set (models trained here),
+    else CLIP's (real Qwen2.5-VL checkpoints)."""
+    statistics = getattr(config, PIXEL_STATISTICS_KEY, None)
+    if not statistics:
+        return CLIP_MEAN, CLIP_STD
+    return tuple(statistics["mean"]), tuple(statistics["std"])
 
 
 def smart_resize(
@@ -53,15 +68,17 @@ def video_to_patches(
     min_pixels: int = MIN_PIXELS,
     max_pixels: int = MAX_PIXELS,
     resize: bool = True,
+    mean: tuple[float, ...] = CLIP_MEAN,
+    std: tuple[float, ...] = CLIP_STD,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen2.5-VL `pixel_values_videos` and `video_grid_thw` for one video.
 
     frames: (T, 3, H, W) uint8 (or float in [0, 1]). vision_config: the model's vision config
     (patch_size, temporal_patch_size, spatial_merge_size). Frames are resized (bicubic,
-    antialiased) to smart_resize's size, scaled to [0, 1], normalised with CLIP statistics, the
-    last frame repeated to a multiple of the temporal patch, and flattened in the processor's
-    patch order. Returns (pixel values (t*h*w, 3*tp*p*p) float32, grid (1, 3) long = [t, h, w]
-    in patches).
+    antialiased) to smart_resize's size, scaled to [0, 1], normalised with `mean` and `std`
+    (CLIP's by default; a model's own: `pixel_statistics(config)`), the last frame repeated to
+    a multiple of the temporal patch, and flattened in the processor's patch order. Returns
+    (pixel values (t*h*w, 3*tp*p*p) float32, grid (1, 3) long = [t, h, w] in patches).
     """
     if not isinstance(frames, torch.Tensor) or frames.ndim != 4 or frames.shape[1] != 3:
         shape = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames)
@@ -86,9 +103,7 @@ def video_to_patches(
         raise ValueError(
             f"frame size {height}x{width} must be divisible by {factor} when resize=False"
         )
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    video = (video - mean) / std
+    video = (video - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     if padding := -video.shape[0] % temporal:
         video = torch.cat([video, video[-1:].expand(padding, -1, -1, -1)])
     grid_t, grid_h, grid_w = video.shape[0] // temporal, height // patch, width // patch

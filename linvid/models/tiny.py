@@ -18,6 +18,10 @@ def tiny_qwen2_5_vl_config(
     intermediate_size: int = 128,
     vocab_size: int = 64,
     vision_hidden_size: int = 32,
+    vision_depth: int = 1,
+    window_size: int = 56,
+    fullatt_block_indexes: tuple[int, ...] = (0,),
+    mrope_section: tuple[int, int, int] | None = None,
     attention_implementation: str = "sdpa",
     token_ids: dict | None = None,
 ) -> Qwen2_5_VLConfig:
@@ -26,7 +30,10 @@ def tiny_qwen2_5_vl_config(
 
     token_ids: vocab_size and the special token ids from a tokenizer
     (`linvid.models.tokenizer.token_ids`); by default a 64-word vocabulary whose last four ids
-    are the image, video, vision-start and vision-end tokens."""
+    are the image, video, vision-start and vision-end tokens. mrope_section: the (temporal,
+    height, width) split of head_dim / 2 rotary frequencies; by default about half temporal.
+    vision_depth, window_size, fullatt_block_indexes: the vision tower's blocks, its window
+    attention's size in pixels and the blocks that attend over the whole frame."""
     ids = {
         "vocab_size": vocab_size,
         "image_token_id": IMAGE_TOKEN,
@@ -41,8 +48,13 @@ def tiny_qwen2_5_vl_config(
     special = {key: ids[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
     head_dim = hidden_size // num_heads
     # M-RoPE splits head_dim / 2 rotary frequencies into (temporal, height, width) sections.
-    quarter = head_dim // 2 // 4
-    mrope_section = [head_dim // 2 - 2 * quarter, quarter, quarter]
+    if mrope_section is None:
+        quarter = head_dim // 2 // 4
+        mrope_section = [head_dim // 2 - 2 * quarter, quarter, quarter]
+    if sum(mrope_section) != head_dim // 2:
+        raise ValueError(
+            f"mrope_section {mrope_section} must sum to head_dim / 2 = {head_dim // 2}"
+        )
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": ids["vocab_size"],
@@ -55,12 +67,12 @@ def tiny_qwen2_5_vl_config(
             "rope_parameters": {
                 "rope_type": "default",
                 "rope_theta": 10000.0,
-                "mrope_section": mrope_section,
+                "mrope_section": list(mrope_section),
             },
             **special,
         },
         vision_config={
-            "depth": 1,
+            "depth": vision_depth,
             "hidden_size": vision_hidden_size,
             "intermediate_size": 2 * vision_hidden_size,
             "num_heads": 2,
@@ -68,8 +80,8 @@ def tiny_qwen2_5_vl_config(
             "patch_size": 14,
             "temporal_patch_size": 2,
             "spatial_merge_size": 2,
-            "window_size": 56,
-            "fullatt_block_indexes": [0],
+            "window_size": window_size,
+            "fullatt_block_indexes": list(fullatt_block_indexes),
         },
         image_token_id=ids["image_token_id"],
         video_token_id=ids["video_token_id"],

@@ -6,6 +6,8 @@ import torch
 from linvid.models.qwen_video import (
     CLIP_MEAN,
     CLIP_STD,
+    PIXEL_STATISTICS_KEY,
+    pixel_statistics,
     smart_resize,
     video_to_patches,
     video_token_count,
@@ -83,3 +85,16 @@ def test_bad_frames_are_clear_errors():
         video_to_patches(torch.zeros(0, 3, 56, 56), VISION)
     with pytest.raises(ValueError, match="divisible by 28"):
         video_to_patches(torch.zeros(2, 3, 50, 56), VISION, resize=False)
+
+
+def test_pixel_statistics_come_from_the_config_else_clip():
+    config = tiny_qwen2_5_vl_config()
+    assert pixel_statistics(config) == (CLIP_MEAN, CLIP_STD)
+    setattr(config, PIXEL_STATISTICS_KEY, {"mean": [0.5] * 3, "std": [0.5] * 3})
+    mean, std = pixel_statistics(config)
+    frames = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 3, 56, 56)
+    pixels, _ = video_to_patches(frames, VISION, resize=False, mean=mean, std=std)
+    # One temporal patch: frame 0 (black) then frame 1 (white) in every row, per channel.
+    rows = pixels.view(-1, 3, 2, 14 * 14)
+    assert torch.equal(rows[:, :, 0], torch.full_like(rows[:, :, 0], -1.0))
+    assert torch.equal(rows[:, :, 1], torch.full_like(rows[:, :, 1], 1.0))
