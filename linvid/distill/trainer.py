@@ -340,71 +340,6 @@ def token_counts(stage: Stage, teacher, batch, decodes: dict, dataset) -> torch.
     return torch.stack([counts[name] for name in weighted]).float()
 
 
-def merged_video_batch(
-    model, inputs: dict, tokens_per_frame: int | None, keep_ratio: float | None = None
-) -> dict:
-    """`inputs` (right-padded, one video per sample, with pixel_values_videos) with every frame
-    merged to `tokens_per_frame` tokens, or to max(1, round(keep_ratio x its tokens)), after
-    `model`'s vision tower (paper 002 §3.1; paper 001's keep ratio, here applied per frame
-    after the tower; under the caller's grad mode), merged tokens in ascending size order
-    (paper 001 §3.2.2): fewer video placeholders, labels and mm_token_type_ids cut alike,
-    explicit M-RoPE position_ids (4, B, L) (`merged_position_ids`), mm_encoder_outputs and a
-    video_grid_thw of the merged layout. Returns new right-padded inputs with "labels"."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    from linvid.models.frame_tome import merge_video_tokens, merged_position_ids
-
-    config = model.config
-    merge_size = config.vision_config.spatial_merge_size
-    grids = inputs["video_grid_thw"]
-    if grids.shape[0] != inputs["input_ids"].shape[0] or "pixel_values_videos" not in inputs:
-        raise ValueError("per-frame ToMe needs exactly one video per sample, with its pixels")
-    vision = model.model.get_video_features(
-        inputs["pixel_values_videos"].to(model.dtype), grids, return_dict=True
-    )
-    interval = config.vision_config.tokens_per_second  # second_per_grid 1, as in transformers
-    features, rows = [], {name: [] for name in ("input_ids", "labels", "mm_token_type_ids")}
-    positions, layouts = [], []
-    for i, (t, height, width) in enumerate(grids.tolist()):
-        grid = (t, height // merge_size, width // merge_size)
-        budget = tokens_per_frame or max(1, round(keep_ratio * grid[1] * grid[2]))
-        merged = merge_video_tokens(vision.pooler_output[i], grid, budget, time_interval=interval)
-        length = int(inputs["attention_mask"][i].sum())
-        ids = inputs["input_ids"][i, :length]
-        video = (ids == config.video_token_id).nonzero().reshape(-1)
-        start, end = int(video[0]), int(video[-1]) + 1
-        keep = merged.num_tokens
-        for name in rows:
-            row = inputs[name][i, :length]
-            rows[name].append(torch.cat([row[:start], row[start : start + keep], row[end:]]))
-        positions.append(merged_position_ids(rows["input_ids"][-1], merged, config.video_token_id))
-        features.append(merged.features)
-        layout = merged.token_grid
-        layouts.append([layout[0], layout[1] * merge_size, layout[2] * merge_size])
-    lengths = torch.tensor([len(row) for row in rows["input_ids"]])
-    longest = int(lengths.max())
-
-    def pad(tensors, value):
-        return torch.stack(
-            [torch.nn.functional.pad(t, (0, longest - t.shape[-1]), value=value) for t in tensors]
-        )
-
-    padded_positions = []
-    for position in positions:  # padding continues each row's positions (masked anyway)
-        steps = torch.arange(1, longest - position.shape[-1] + 1, device=position.device)
-        padded_positions.append(torch.cat([position, position[..., -1:] + steps], dim=-1))
-    device = inputs["input_ids"].device
-    return {
-        "input_ids": pad(rows["input_ids"], 0),  # padding: masked, any id does
-        "attention_mask": (torch.arange(longest)[None, :] < lengths[:, None]).long().to(device),
-        "labels": pad(rows["labels"], IGNORE_INDEX),
-        "mm_token_type_ids": pad(rows["mm_token_type_ids"], 0),
-        "position_ids": torch.cat(padded_positions, dim=1),
-        "mm_encoder_outputs": {"video": BaseModelOutputWithPooling(pooler_output=tuple(features))},
-        "video_grid_thw": torch.tensor(layouts, device=device),
-    }
-
-
 def shared_prompt_length(labels: torch.Tensor, stage: Stage) -> int:
     """The index of the first answer token, which every sample of the micro-batch must share
     (TransV takes one `transv_prompt_length` per call)."""
@@ -431,6 +366,8 @@ def student_inputs(
     else:
         inputs = model_inputs(batch)
     if merges_frames(stage):
+        from linvid.models.frame_tome import merged_video_batch
+
         inputs = merged_video_batch(model, inputs, stage.tokens_per_frame, stage.tome_keep_ratio)
     labels = inputs.pop("labels")
     if transv:

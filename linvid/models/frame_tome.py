@@ -295,3 +295,69 @@ def append_text_positions(position_ids: torch.Tensor, count: int) -> torch.Tenso
     check_positive_int("count", count, allow_zero=True)
     steps = torch.arange(1, count + 1, dtype=position_ids.dtype, device=position_ids.device)
     return torch.cat([position_ids, position_ids[..., -1:] + steps], dim=-1)
+
+
+def merged_video_batch(
+    model,
+    inputs: dict,
+    tokens_per_frame: int | None,
+    keep_ratio: float | None = None,
+    *,
+    ignore_index: int = -100,
+) -> dict:
+    """`inputs` (right-padded, one video per sample, with pixel_values_videos) with every frame
+    merged to `tokens_per_frame` tokens, or to max(1, round(keep_ratio x its tokens)), after
+    `model`'s vision tower (paper 002 §3.1; paper 001's keep ratio, here applied per frame
+    after the tower; under the caller's grad mode), merged tokens in ascending size order
+    (paper 001 §3.2.2): fewer video placeholders, labels and mm_token_type_ids cut alike,
+    explicit M-RoPE position_ids (4, B, L) (`merged_position_ids`), mm_encoder_outputs and a
+    video_grid_thw of the merged layout. Returns new right-padded inputs with "labels"."""
+    config = model.config
+    merge_size = config.vision_config.spatial_merge_size
+    grids = inputs["video_grid_thw"]
+    if grids.shape[0] != inputs["input_ids"].shape[0] or "pixel_values_videos" not in inputs:
+        raise ValueError("per-frame ToMe needs exactly one video per sample, with its pixels")
+    vision = model.model.get_video_features(
+        inputs["pixel_values_videos"].to(model.dtype), grids, return_dict=True
+    )
+    interval = config.vision_config.tokens_per_second  # second_per_grid 1, as in transformers
+    features, rows = [], {name: [] for name in ("input_ids", "labels", "mm_token_type_ids")}
+    positions, layouts = [], []
+    for i, (t, height, width) in enumerate(grids.tolist()):
+        grid = (t, height // merge_size, width // merge_size)
+        budget = tokens_per_frame or max(1, round(keep_ratio * grid[1] * grid[2]))
+        merged = merge_video_tokens(vision.pooler_output[i], grid, budget, time_interval=interval)
+        length = int(inputs["attention_mask"][i].sum())
+        ids = inputs["input_ids"][i, :length]
+        video = (ids == config.video_token_id).nonzero().reshape(-1)
+        start, end = int(video[0]), int(video[-1]) + 1
+        keep = merged.num_tokens
+        for name in rows:
+            row = inputs[name][i, :length]
+            rows[name].append(torch.cat([row[:start], row[start : start + keep], row[end:]]))
+        positions.append(merged_position_ids(rows["input_ids"][-1], merged, config.video_token_id))
+        features.append(merged.features)
+        layout = merged.token_grid
+        layouts.append([layout[0], layout[1] * merge_size, layout[2] * merge_size])
+    lengths = torch.tensor([len(row) for row in rows["input_ids"]])
+    longest = int(lengths.max())
+
+    def pad(tensors, value):
+        return torch.stack(
+            [torch.nn.functional.pad(t, (0, longest - t.shape[-1]), value=value) for t in tensors]
+        )
+
+    padded_positions = []
+    for position in positions:  # padding continues each row's positions (masked anyway)
+        steps = torch.arange(1, longest - position.shape[-1] + 1, device=position.device)
+        padded_positions.append(torch.cat([position, position[..., -1:] + steps], dim=-1))
+    device = inputs["input_ids"].device
+    return {
+        "input_ids": pad(rows["input_ids"], 0),  # padding: masked, any id does
+        "attention_mask": (torch.arange(longest)[None, :] < lengths[:, None]).long().to(device),
+        "labels": pad(rows["labels"], ignore_index),
+        "mm_token_type_ids": pad(rows["mm_token_type_ids"], 0),
+        "position_ids": torch.cat(padded_positions, dim=1),
+        "mm_encoder_outputs": {"video": BaseModelOutputWithPooling(pooler_output=tuple(features))},
+        "video_grid_thw": torch.tensor(layouts, device=device),
+    }

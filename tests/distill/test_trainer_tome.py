@@ -11,7 +11,8 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 import linvid
 from linvid.cli import main
 from linvid.distill.recipe import load_recipe
-from linvid.distill.trainer import check_recipe, merged_video_batch
+from linvid.distill.trainer import check_recipe
+from linvid.models.frame_tome import merged_video_batch
 from linvid.models.tiny import tiny_qwen2_5_vl_config
 
 SIZE = 56 * 56
