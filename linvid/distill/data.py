@@ -39,7 +39,14 @@ from safetensors.torch import save_file
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from linvid.eval.prompts import DEFAULT_CHAT_TEMPLATE, PROMPT_STYLES, VIDEO_PLACEHOLDER
-from linvid.models.qwen_video import MAX_PIXELS, MIN_PIXELS, video_to_patches, video_token_count
+from linvid.models.qwen_video import (
+    CLIP_MEAN,
+    CLIP_STD,
+    MAX_PIXELS,
+    MIN_PIXELS,
+    video_to_patches,
+    video_token_count,
+)
 from linvid.video.io import VideoError, load_video
 
 VIDEO_MARKER = "<video>"
@@ -154,7 +161,8 @@ class VideoConversationDataset(torch.utils.data.Dataset):
 
     Sampling: fps (1.0 unless num_frames is given) / num_frames / max_frames as in
     `linvid.video.io.load_video`; min_pixels / max_pixels bound each frame's area as in
-    `video_to_patches`. style: "standard" (video, then the question's text) or "sandwich"
+    `video_to_patches`; pixel_statistics: the model's (mean, std) (`pixel_statistics(config)`,
+    default CLIP's). style: "standard" (video, then the question's text) or "sandwich"
     (question, video, question; paper 001 §3.2.3) for the turn holding the video.
     Conversations longer than max_sequence_length lose whole trailing turns; one that cannot
     keep the video and the answer after it is a bad sample (never cut mid-video).
@@ -175,6 +183,7 @@ class VideoConversationDataset(torch.utils.data.Dataset):
         style: str = "standard",
         fail_on_bad_samples: bool = False,
         feature_cache: VisionFeatureCache | None = None,
+        pixel_statistics: tuple | None = None,
     ):
         if style not in PROMPT_STYLES:
             raise ValueError(f"unknown prompt style {style!r}; expected one of {PROMPT_STYLES}")
@@ -193,6 +202,7 @@ class VideoConversationDataset(torch.utils.data.Dataset):
         self.style = style
         self.fail_on_bad_samples = fail_on_bad_samples
         self.feature_cache = feature_cache
+        self.pixel_mean, self.pixel_std = pixel_statistics or (CLIP_MEAN, CLIP_STD)
         self.template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
         self.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_PLACEHOLDER)
         end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
@@ -256,6 +266,7 @@ class VideoConversationDataset(torch.utils.data.Dataset):
             "min_pixels": self.min_pixels,
             "max_pixels": self.max_pixels,
             "patch": [config.patch_size, config.temporal_patch_size, config.spatial_merge_size],
+            "pixel_statistics": [list(self.pixel_mean), list(self.pixel_std)],
         }
         text = json.dumps(settings, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
@@ -269,7 +280,12 @@ class VideoConversationDataset(torch.utils.data.Dataset):
         else:
             frames, _ = load_video(sample.video, **self.sampling, max_pixels=self.max_pixels)
             pixels, grid = video_to_patches(
-                frames, self.vision_config, min_pixels=self.min_pixels, max_pixels=self.max_pixels
+                frames,
+                self.vision_config,
+                min_pixels=self.min_pixels,
+                max_pixels=self.max_pixels,
+                mean=self.pixel_mean,
+                std=self.pixel_std,
             )
         count = video_token_count(grid, self.vision_config.spatial_merge_size)
         input_ids, labels = self._tokenize(sample, count)

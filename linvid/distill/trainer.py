@@ -241,7 +241,11 @@ def stage_feature_cache(stage: Stage, student, teacher, options: RunOptions):
     return VisionFeatureCache(root / fingerprint, fingerprint=fingerprint)
 
 
-def make_dataset(options: RunOptions, stage: Stage, tokenizer, vision_config, feature_cache=None):
+def make_dataset(options: RunOptions, stage: Stage, tokenizer, config, feature_cache=None):
+    """The stage's VideoConversationDataset for a model with `config` (its vision config and
+    pixel statistics)."""
+    from linvid.models.qwen_video import pixel_statistics
+
     samples = [
         sample for path in stage_data_files(stage, options) for sample in read_conversations(path)
     ]
@@ -252,11 +256,12 @@ def make_dataset(options: RunOptions, stage: Stage, tokenizer, vision_config, fe
     return VideoConversationDataset(
         samples,
         tokenizer,
-        vision_config,
+        config.vision_config,
         max_sequence_length=stage.max_sequence_length,
         fail_on_bad_samples=stage.fail_on_bad_samples,
         style=stage.prompt_style,
         feature_cache=feature_cache,
+        pixel_statistics=pixel_statistics(config),
         **sampling,
     )
 
@@ -430,7 +435,7 @@ def run_stage(
     freeze_for_stage(student, stage)
     transv = stage_transv(student, stage)
     feature_cache = stage_feature_cache(stage, student, teacher, options)
-    dataset = make_dataset(options, stage, tokenizer, student.config.vision_config, feature_cache)
+    dataset = make_dataset(options, stage, tokenizer, student.config, feature_cache)
     if len(dataset) < stage.batch_size:
         raise ValueError(
             f"stage {stage.name!r}: batch_size {stage.batch_size} exceeds the "

@@ -21,7 +21,13 @@ import torch
 
 from linvid.eval.prompts import VIDEO_PLACEHOLDER, render_video_prompt, video_messages
 from linvid.models.qwen2_5_vl import LinvidQwen2_5_VLForConditionalGeneration
-from linvid.models.qwen_video import MAX_PIXELS, MIN_PIXELS, video_to_patches, video_token_count
+from linvid.models.qwen_video import (
+    MAX_PIXELS,
+    MIN_PIXELS,
+    pixel_statistics,
+    video_to_patches,
+    video_token_count,
+)
 
 STREAMING_MIXERS = ("rwkv6", "mamba2")
 
@@ -109,8 +115,9 @@ def _ask_whole(
 ):
     started = time.perf_counter()
     config = model.config
+    statistics = dict(zip(("mean", "std"), pixel_statistics(config), strict=True))
     pixels, grid = video_to_patches(
-        frames, config.vision_config, min_pixels=min_pixels, max_pixels=max_pixels
+        frames, config.vision_config, min_pixels=min_pixels, max_pixels=max_pixels, **statistics
     )
     if tokens_per_frame is None:
         video_tokens = video_token_count(grid, config.vision_config.spatial_merge_size)
@@ -181,6 +188,7 @@ def _ask_streaming(
     max_pixels,
 ):
     config = model.config
+    statistics = dict(zip(("mean", "std"), pixel_statistics(config), strict=True))
     device = model.device
     before, after = _prompt_pieces(tokenizer, question, style)
     cache = model.make_cache()
@@ -198,7 +206,7 @@ def _ask_streaming(
     step(input_ids=tokens(before))
     for chunk in _as_chunks(chunks):
         pixels, grid = video_to_patches(
-            chunk, config.vision_config, min_pixels=min_pixels, max_pixels=max_pixels
+            chunk, config.vision_config, min_pixels=min_pixels, max_pixels=max_pixels, **statistics
         )
         count = video_token_count(grid, config.vision_config.spatial_merge_size)
         input_ids = tokens([config.video_token_id] * count)

@@ -345,3 +345,17 @@ def test_feature_cache_rejects_another_vision_tower(tmp_path):
     assert VisionFeatureCache(tmp_path).fingerprint == "tower-a"
     with pytest.raises(ValueError, match="written for vision tower tower-a"):
         VisionFeatureCache(tmp_path, fingerprint="tower-b")
+
+
+def test_pixel_statistics_follow_the_model(data_dir, tokenizer, config):
+    """A model trained with its own pixel mean/std (e.g. [-1, 1] scaling) gets its videos
+    normalised that way, and the feature-cache key tells the two apart."""
+    clip = make_dataset(data_dir, tokenizer, config)
+    symmetric = make_dataset(
+        data_dir, tokenizer, config, pixel_statistics=((0.5,) * 3, (0.5,) * 3)
+    )
+    pixels = symmetric[0]["pixel_values_videos"]
+    assert float(pixels.min()) >= -1 and float(pixels.max()) <= 1
+    assert float(clip[0]["pixel_values_videos"].max()) > 1  # CLIP's std stretches past 1
+    sample = clip.samples[0]
+    assert clip.video_key(sample) != symmetric.video_key(sample)

@@ -320,7 +320,11 @@ def test_stage_data_names_resolve_to_their_files(workspace, tmp_path):
 
     def stage(data):
         return SimpleNamespace(
-            name="s", data=data, max_sequence_length=None, fail_on_bad_samples=False
+            name="s",
+            data=data,
+            max_sequence_length=None,
+            fail_on_bad_samples=False,
+            prompt_style="standard",
         )
 
     assert stage_data_files(stage("captions"), options) == [str(small)]
@@ -329,10 +333,8 @@ def test_stage_data_names_resolve_to_their_files(workspace, tmp_path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(workspace / "teacher")
-    vision = Qwen2_5_VLForConditionalGeneration.config_class.from_pretrained(
-        workspace / "teacher"
-    ).vision_config
-    assert len(make_dataset(options, stage("captions+qa"), tokenizer, vision)) == 2 + 6
+    config = Qwen2_5_VLForConditionalGeneration.config_class.from_pretrained(workspace / "teacher")
+    assert len(make_dataset(options, stage("captions+qa"), tokenizer, config)) == 2 + 6
     named_only = RunOptions(teacher="t", data=None, data_by_name=by_name, out="o")
     with pytest.raises(ValueError, match="--data qa=FILE.jsonl"):
         stage_data_files(stage("captions+qa"), named_only)
