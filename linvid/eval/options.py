@@ -1,0 +1,235 @@
+"""Multiple-choice questions about a video, answered by likelihood: each option's text is
+scored as the model's answer (the sum of its tokens' log-probabilities after the chat prompt,
+as lmms-eval's loglikelihood path does) and the best-scoring option is the choice. The score of
+an option does not depend on the other options or their order, so a circular evaluation
+(every rotation of the options) stays meaningful.
+
+Works for a Qwen2.5-VL teacher and for linvid students (same forward signature). A question is
+any object with `frames` ((T, H, W, 3) uint8, numpy or torch), `options` (option texts) and a
+prompt (`prompt` attribute, or given by the caller), optionally `answer_index` and `task`.
+
+The same token layout serves training (`answer_item`, `answer_batch`): the chat prompt with the
+video placeholder expanded, then the answer's tokens, labelled, and the end-of-turn token.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from linvid.distill.data import END_OF_TURN, IGNORE_INDEX, collate, model_inputs
+from linvid.eval.prompts import VIDEO_PLACEHOLDER, render_video_prompt, video_messages
+from linvid.models.qwen_video import pixel_statistics, video_to_patches, video_token_count
+
+
+def frames_tensor(frames) -> torch.Tensor:
+    """(T, H, W, 3) uint8 frames (numpy or torch) as the (T, 3, H, W) tensor video_to_patches
+    takes."""
+    video = (
+        torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
+    )
+    if video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(f"frames must be (T, H, W, 3), got shape {tuple(video.shape)}")
+    return video.permute(0, 3, 1, 2)
+
+
+class AnswerEncoder:
+    """Builds `collate` items (prompt + answer, answer-only labels) for one model's tokenizer and
+    vision config; remembers rendered prompts (the chat template is slow next to a tiny model).
+
+    resize: False keeps the frames' own size (it must be a multiple of patch * merge, e.g. 56);
+    True resizes as Qwen2-VL's processor does. Pixel statistics come from the config
+    (`pixel_statistics`)."""
+
+    def __init__(self, tokenizer, config, *, style: str = "standard", resize: bool = False):
+        self.tokenizer = tokenizer
+        self.vision_config = config.vision_config
+        self.mean, self.std = pixel_statistics(config)
+        self.style = style
+        self.resize = resize
+        self.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_PLACEHOLDER)
+        self.end_of_turn_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+        self.pad_token_id = tokenizer.pad_token_id
+        self._prompts: dict[tuple[str, int], list[int]] = {}
+        self._answers: dict[str, list[int]] = {}
+
+    def video(self, frames) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pixel_values_videos, video_grid_thw (1, 3)) of (T, H, W, 3) frames."""
+        kwargs = {"min_pixels": 0} if self.resize else {}
+        return video_to_patches(
+            frames_tensor(frames),
+            self.vision_config,
+            resize=self.resize,
+            mean=self.mean,
+            std=self.std,
+            **kwargs,
+        )
+
+    def prompt_ids(self, prompt: str, video_tokens: int) -> list[int]:
+        key = (prompt, video_tokens)
+        if key not in self._prompts:
+            messages = video_messages(prompt, style=self.style)
+            self._prompts[key] = render_video_prompt(self.tokenizer, messages, video_tokens)
+        return self._prompts[key]
+
+    def answer_ids(self, answer: str) -> list[int]:
+        if answer not in self._answers:
+            ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise ValueError(f"answer {answer!r} has no tokens")
+            self._answers[answer] = ids
+        return self._answers[answer]
+
+    def item(
+        self,
+        prompt: str,
+        answer: str,
+        video: tuple[torch.Tensor, torch.Tensor],
+        *,
+        end_of_turn: bool = True,
+        index: int = 0,
+    ) -> dict:
+        """One `collate` item: prompt, then the answer's tokens (labelled) and, with
+        `end_of_turn`, <|im_end|> (labelled too: training stops the turn there)."""
+        pixels, grid = video
+        count = video_token_count(grid, self.vision_config.spatial_merge_size)
+        prompt_ids = self.prompt_ids(prompt, count)
+        answer_ids = self.answer_ids(answer) + ([self.end_of_turn_id] if end_of_turn else [])
+        ids = torch.tensor(prompt_ids + answer_ids)
+        labels = torch.tensor([IGNORE_INDEX] * len(prompt_ids) + answer_ids)
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "mm_token_type_ids": (ids == self.video_token_id).long() * 2,
+            "pixel_values_videos": pixels,
+            "video_grid_thw": grid.reshape(1, 3).long(),
+            "video_key": "",
+            "sample_index": index,
+        }
+
+    def batch(self, items: Sequence[dict]) -> dict:
+        """Model inputs (right-padded; labels -100 outside the answers) of `item`s."""
+        return model_inputs(collate(items, self.pad_token_id))
+
+
+def _prompt_of(question, prompt: str | Callable | None) -> str:
+    if callable(prompt):
+        return prompt(question)
+    if prompt is not None:
+        return prompt
+    if not hasattr(question, "prompt"):
+        raise ValueError(
+            f"{type(question).__name__} has no `prompt`; pass prompt= (a string or a function "
+            "of the question)"
+        )
+    return question.prompt
+
+
+def answer_log_likelihoods(model, batch: dict) -> torch.Tensor:
+    """Sum over each row of log p(labelled token | everything before it), (B,) float32."""
+    labels = batch["labels"]
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    labelled = labels != IGNORE_INDEX
+    first = int(labelled.float().argmax(-1).min())  # the earliest labelled position of any row
+    keep = labels.shape[1] - first + 1  # logits from the position predicting `first`
+    device = next(model.parameters()).device
+    inputs = {key: value.to(device) for key, value in inputs.items()}
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits.float()
+    logits = logits[:, -keep:-1]  # position p predicts token p + 1
+    targets = labels[:, first:].to(device)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    mask = targets != IGNORE_INDEX
+    picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1).cpu()
+
+
+@torch.no_grad()
+def option_scores(
+    model,
+    tokenizer,
+    question,
+    *,
+    prompt: str | Callable | None = None,
+    encoder: AnswerEncoder | None = None,
+) -> torch.Tensor:
+    """Log-likelihood of each option's text as the answer to `question`, (len(options),):
+    the sum of the option's tokens' log-probabilities after the chat prompt (no end-of-turn
+    token, as lmms-eval scores a continuation). All options go through one forward pass,
+    right-padded (the prompt is the same in every row, so padding never shifts a position)."""
+    return _scores(model, tokenizer, [question], prompt, encoder)[0]
+
+
+def choose_option(model, tokenizer, question, **kwargs) -> int:
+    """Index of the option with the highest `option_scores` (the first on ties)."""
+    return int(option_scores(model, tokenizer, question, **kwargs).argmax())
+
+
+def _scores(model, tokenizer, questions, prompt, encoder) -> list[torch.Tensor]:
+    encoder = encoder or AnswerEncoder(tokenizer, model.config)
+    was_training = model.training
+    model.eval()
+    try:
+        items = []
+        for question in questions:
+            text = _prompt_of(question, prompt)
+            video = encoder.video(question.frames)
+            items += [
+                encoder.item(text, option, video, end_of_turn=False) for option in question.options
+            ]
+        # Rows may differ in prompt length (other questions, other frame counts): right
+        # padding keeps every row's positions, and each row's own labels pick its tokens.
+        flat = answer_log_likelihoods(model, encoder.batch(items))
+    finally:
+        model.train(was_training)
+    scores, offset = [], 0
+    for question in questions:
+        scores.append(flat[offset : offset + len(question.options)])
+        offset += len(question.options)
+    return scores
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    tokenizer,
+    questions: Sequence,
+    *,
+    prompt: Callable | None = None,
+    batch_questions: int = 4,
+    encoder: AnswerEncoder | None = None,
+) -> dict:
+    """Accuracy of likelihood choices over `questions` (each with `answer_index`).
+
+    Returns {"accuracy": {task: fraction, ..., "all": fraction}, "count": {task: n},
+    "records": [{"task", "num_frames", "depth", "choice", "answer_index", "correct",
+    "scores"}, ...]}. `batch_questions` questions' options share one forward pass.
+    prompt: a function question -> prompt text, when questions have no `prompt` attribute."""
+    encoder = encoder or AnswerEncoder(tokenizer, model.config)
+    records = []
+    for start in range(0, len(questions), batch_questions):
+        chunk = questions[start : start + batch_questions]
+        for question, scores in zip(
+            chunk, _scores(model, tokenizer, chunk, prompt, encoder), strict=True
+        ):
+            choice = int(scores.argmax())
+            records.append(
+                {
+                    "task": getattr(question, "task", ""),
+                    "num_frames": int(question.frames.shape[0]),
+                    "depth": getattr(question, "depth", None),
+                    "choice": choice,
+                    "answer_index": int(question.answer_index),
+                    "correct": choice == int(question.answer_index),
+                    "scores": [round(float(score), 4) for score in scores],
+                }
+            )
+    totals, hits = defaultdict(int), defaultdict(int)
+    for record in records:
+        for key in (record["task"], "all"):
+            totals[key] += 1
+            hits[key] += record["correct"]
+    accuracy = {key: hits[key] / totals[key] for key in totals}
+    return {"accuracy": accuracy, "count": dict(totals), "records": records}
