@@ -153,13 +153,21 @@ def option_scores(
     question,
     *,
     prompt: str | Callable | None = None,
+    style: str = "standard",
+    prepare: Callable | None = None,
     encoder: AnswerEncoder | None = None,
 ) -> torch.Tensor:
     """Log-likelihood of each option's text as the answer to `question`, (len(options),):
     the sum of the option's tokens' log-probabilities after the chat prompt (no end-of-turn
     token, as lmms-eval scores a continuation). All options go through one forward pass,
-    right-padded (the prompt is the same in every row, so padding never shifts a position)."""
-    return _scores(model, tokenizer, [question], prompt, encoder)[0]
+    right-padded (the prompt is the same in every row, so padding never shifts a position).
+
+    prompt: the prompt text, or a function question -> text (default: question.prompt).
+    style: "standard" or "sandwich" prompts (`video_messages`). prepare: an optional
+    `prepare(model, batch) -> batch` applied before the forward (e.g. a student's per-frame
+    ToMe or TransV settings); it may shorten rows as long as labels follow their tokens."""
+    encoder = encoder or AnswerEncoder(tokenizer, model.config, style=style)
+    return _scores(model, [question], prompt, encoder, prepare)[0]
 
 
 def choose_option(model, tokenizer, question, **kwargs) -> int:
@@ -167,28 +175,34 @@ def choose_option(model, tokenizer, question, **kwargs) -> int:
     return int(option_scores(model, tokenizer, question, **kwargs).argmax())
 
 
-def _scores(model, tokenizer, questions, prompt, encoder) -> list[torch.Tensor]:
-    encoder = encoder or AnswerEncoder(tokenizer, model.config)
+def _scores(model, questions, prompt, encoder, prepare) -> list[torch.Tensor]:
+    """Option scores of each question. Rows go through the model in groups that share their
+    video's shape and prompt length (one forward for a whole group), so that `prepare` sees
+    uniform rows; right padding handles the options' different lengths."""
+    items, owners = [], []
+    for number, question in enumerate(questions):
+        text = _prompt_of(question, prompt)
+        video = encoder.video(question.frames)
+        for option in question.options:
+            items.append(encoder.item(text, option, video, end_of_turn=False))
+            owners.append(number)
+    groups = defaultdict(list)
+    for row, item in enumerate(items):
+        prompt_length = int((item["labels"] == IGNORE_INDEX).sum())
+        groups[(tuple(item["video_grid_thw"].flatten().tolist()), prompt_length)].append(row)
+    flat = torch.empty(len(items))
     was_training = model.training
     model.eval()
     try:
-        items = []
-        for question in questions:
-            text = _prompt_of(question, prompt)
-            video = encoder.video(question.frames)
-            items += [
-                encoder.item(text, option, video, end_of_turn=False) for option in question.options
-            ]
-        # Rows may differ in prompt length (other questions, other frame counts): right
-        # padding keeps every row's positions, and each row's own labels pick its tokens.
-        flat = answer_log_likelihoods(model, encoder.batch(items))
+        for rows in groups.values():
+            batch = encoder.batch([items[row] for row in rows])
+            if prepare is not None:
+                batch = prepare(model, batch)
+            flat[rows] = answer_log_likelihoods(model, batch)
     finally:
         model.train(was_training)
-    scores, offset = [], 0
-    for question in questions:
-        scores.append(flat[offset : offset + len(question.options)])
-        offset += len(question.options)
-    return scores
+    owners = torch.tensor(owners)
+    return [flat[owners == number] for number in range(len(questions))]
 
 
 @torch.no_grad()
@@ -198,6 +212,8 @@ def evaluate(
     questions: Sequence,
     *,
     prompt: Callable | None = None,
+    style: str = "standard",
+    prepare: Callable | None = None,
     batch_questions: int = 4,
     encoder: AnswerEncoder | None = None,
 ) -> dict:
@@ -206,13 +222,14 @@ def evaluate(
     Returns {"accuracy": {task: fraction, ..., "all": fraction}, "count": {task: n},
     "records": [{"task", "num_frames", "depth", "choice", "answer_index", "correct",
     "scores"}, ...]}. `batch_questions` questions' options share one forward pass.
-    prompt: a function question -> prompt text, when questions have no `prompt` attribute."""
-    encoder = encoder or AnswerEncoder(tokenizer, model.config)
+    prompt: a function question -> prompt text, when questions have no `prompt` attribute.
+    style, prepare: as in `option_scores`."""
+    encoder = encoder or AnswerEncoder(tokenizer, model.config, style=style)
     records = []
     for start in range(0, len(questions), batch_questions):
         chunk = questions[start : start + batch_questions]
         for question, scores in zip(
-            chunk, _scores(model, tokenizer, chunk, prompt, encoder), strict=True
+            chunk, _scores(model, chunk, prompt, encoder, prepare), strict=True
         ):
             choice = int(scores.argmax())
             records.append(

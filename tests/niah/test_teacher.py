@@ -176,6 +176,20 @@ def test_evaluate_batches_questions_of_different_lengths_like_one_at_a_time(toke
         assert record["correct"] == (record["choice"] == sample.answer_index)
         assert record["depth"] == sample.depth
     assert set(result["accuracy"]) == {*generate.TASKS, "all"}
+
+    calls = []
+
+    def prepare(model, batch):  # sees rows of one video size and one prompt length only
+        calls.append(batch["video_grid_thw"].tolist())
+        assert len({int((row != IGNORE_INDEX).nonzero()[0]) for row in batch["labels"]}) == 1
+        return batch
+
+    again = evaluate_niah(teacher, tokenizer, samples, batch_questions=3, prepare=prepare)
+    assert sorted(len(grids) for grids in calls) == [4, 4, 4]
+    assert all(len({tuple(grid) for grid in grids}) == 1 for grids in calls)
+    assert [r["scores"] for r in again["records"]] == [r["scores"] for r in result["records"]]
+    sandwich = evaluate_niah(teacher, tokenizer, samples[:1], style="sandwich")
+    assert sandwich["records"][0]["scores"] != result["records"][0]["scores"]
     with pytest.raises(ValueError, match="no `prompt`"):
         evaluate(teacher, tokenizer, samples)
 
