@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -649,7 +648,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=BenchSize.num_heads)
     parser.add_argument("--kv-heads", type=int, default=BenchSize.num_key_value_heads)
     parser.add_argument("--intermediate-size", type=int, default=BenchSize.intermediate_size)
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per measured process (default 1: on a shared machine OpenMP "
+        "barriers of several threads under contention make step times swing several-fold)",
+    )
     parser.add_argument(
         "--in-process", action="store_true", help="no fresh process per model (quick checks)"
     )

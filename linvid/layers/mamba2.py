@@ -178,8 +178,14 @@ class Mamba2Scan(nn.Module):
         # torch.where, not a product: a masked token's input may be anything, even inf.
         masked = raw if write_mask is None else torch.where(write_mask[..., None], raw, 0.0)
         window = torch.cat((conv_state, masked.transpose(1, 2)), dim=-1)
-        convolved = F.conv1d(window, weight, self.conv.bias.float(), groups=self.conv_channels)
-        convolved = convolved.transpose(1, 2)  # (B, L, conv_channels)
+        if length == 1:
+            # One token (decoding): the depthwise conv is a dot product over the kernel taps;
+            # conv1d's setup costs more than the product for a window of `conv_kernel` inputs.
+            taps = (window * weight[:, 0]).sum(-1) + self.conv.bias.float()
+            convolved = taps[:, None]  # (B, 1, conv_channels)
+        else:
+            convolved = F.conv1d(window, weight, self.conv.bias.float(), groups=self.conv_channels)
+            convolved = convolved.transpose(1, 2)  # (B, L, conv_channels)
         if write_mask is not None:
             c_size = self.split_sizes[2]
             own_tap = weight[-c_size:, 0, -1] * raw[..., -c_size:] * (~write_mask)[..., None]

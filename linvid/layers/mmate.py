@@ -142,15 +142,16 @@ class FlexMA(nn.Module):
             hidden_states = hidden_states[rows, order]
         inputs = scan_inputs(self, hidden_states)
         forward_y, new_state = self.forward_scan(hidden_states, inputs, state, padding_mask)
+        gate = torch.sigmoid(self.direction_gate(hidden_states).float())[..., None]  # (B,L,H,1)
         if vision_mask is None:
-            reverse_y = torch.zeros_like(forward_y)
+            # The reverse direction reads only vision tokens: it is zero on every token of a
+            # call without any (e.g. decoding), and (1 - g) * 0 adds exactly nothing.
+            fused = gate * forward_y
         else:
             reverse_y, _ = self.reverse_scan(
                 hidden_states.flip(1), inputs.flip(1), None, vision_mask.flip(1)
             )
-            reverse_y = reverse_y.flip(1)
-        gate = torch.sigmoid(self.direction_gate(hidden_states).float())[..., None]  # (B,L,H,1)
-        fused = gate * forward_y + (1 - gate) * reverse_y
+            fused = gate * forward_y + (1 - gate) * reverse_y.flip(1)
         output = gated_output(self, fused, hidden_states)
         if vision_mask is not None:
             output = output[rows, inverse]
@@ -382,8 +383,12 @@ class MMATE(nn.Module):
         previous tokens. Returns (output (B, L, hidden) in hidden_states' dtype, new state).
         """
         flex, new_state = self.flex(hidden_states, context, state)
-        swin = self.swin(hidden_states, context)
-        fused = self.flex_weight * flex + (1 - self.flex_weight) * swin
+        if context is not None and any(context.videos):
+            swin = self.swin(hidden_states, context)
+            fused = self.flex_weight * flex + (1 - self.flex_weight) * swin
+        else:
+            # No video in this call (e.g. decoding): Local-Swin is zero on every token.
+            fused = self.flex_weight * flex
         return self.norm(fused).to(hidden_states.dtype), new_state
 
 
