@@ -213,7 +213,9 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def prepare_inputs(model, tokenizer, pixels, grid, variant: str) -> dict:
+def prepare_inputs(
+    model, tokenizer, pixels, grid, variant: str, tome_tokens_per_frame: int = TOME_TOKENS_PER_FRAME
+) -> dict:
     """generate() inputs for one video question, the video encoded here: the vision tower's
     features (and the ToMe merge for "tome" variants) as `mm_encoder_outputs`, which is what
     generate() itself computes before its prefill."""
@@ -226,7 +228,7 @@ def prepare_inputs(model, tokenizer, pixels, grid, variant: str) -> dict:
     pixels = pixels.to(device, model.dtype)
     if "tome" in variant:
         inputs, _ = compressed_video_inputs(
-            model, tokenizer, pixels, grid, QUESTION, tokens_per_frame=TOME_TOKENS_PER_FRAME
+            model, tokenizer, pixels, grid, QUESTION, tokens_per_frame=tome_tokens_per_frame
         )
         return inputs
     config = model.config
@@ -274,10 +276,11 @@ class PrefillCache:
 
 
 def measure_point(model, tokenizer, config, variant, frames, tokens_per_frame, decode_tokens,
-                  device, memory: PeakMemory) -> dict:  # fmt: skip
+                  device, memory: PeakMemory,
+                  tome_tokens_per_frame: int = TOME_TOKENS_PER_FRAME) -> dict:  # fmt: skip
     """One input size, one run: encode the video (timed: the vision part of TTFT), then
     generate() N tokens from the encoded video, recording when each token is emitted and the
-    cache bytes after the prefill."""
+    cache bytes after the prefill. "tome" variants merge each frame to tome_tokens_per_frame."""
     pixels, grid = video_patches(config, frames, tokens_per_frame)
     memory.reset()
     clock = TokenClock()
@@ -286,7 +289,9 @@ def measure_point(model, tokenizer, config, variant, frames, tokens_per_frame, d
         with torch.no_grad():
             _synchronize(device)
             started = time.perf_counter()
-            inputs = prepare_inputs(model, tokenizer, pixels, grid, variant)
+            inputs = prepare_inputs(
+                model, tokenizer, pixels, grid, variant, tome_tokens_per_frame
+            )
             _synchronize(device)
             encoded = time.perf_counter()
             _generate(model, inputs, tokenizer, decode_tokens, clock)
