@@ -337,10 +337,11 @@ def train_teacher(
     if cached_teacher(out_dir, expected):
         log(f"teacher: reusing {out_dir} (same config, data and training settings)")
         return out_dir
-    if threads:
-        torch.set_num_threads(threads)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    caller_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     try:
         model = build_teacher(tokenizer, seed=seed)
         summary = _train(
@@ -359,6 +360,8 @@ def train_teacher(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    finally:
+        torch.set_num_threads(caller_threads)
     log(f"teacher: saved to {out_dir}")
     return out_dir
 

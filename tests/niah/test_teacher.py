@@ -224,7 +224,10 @@ TINY_RUN = {"max_steps": 2, "batch_size": 2, "check_every": 1, "check_per_task":
 def test_training_is_cached_by_fingerprint_and_refuses_other_settings(tmp_path):
     out = tmp_path / "teacher"
     lines = []
-    assert train_teacher(out, data_worker=False, log=lines.append, log_every=1, **TINY_RUN) == out
+    threads = torch.get_num_threads()
+    run = {"threads": threads + 1, "log_every": 1, **TINY_RUN}
+    assert train_teacher(out, data_worker=False, log=lines.append, **run) == out
+    assert torch.get_num_threads() == threads  # the caller's setting is restored
     assert any(line.startswith("step      2") for line in lines)
     assert any(line.startswith("check at step 1, 16 frames") for line in lines)
     assert (out / FINGERPRINT).is_file() and (out / "model.safetensors").is_file()
