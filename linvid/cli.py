@@ -38,6 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(benchmark)
         benchmark.set_defaults(run=module.main_from_arguments)
 
+    from linvid.demo import command as demo_command
+
+    demo = commands.add_parser(
+        "demo",
+        help="the whole job on generated data: teacher, four students, report",
+        description=demo_command.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo_command.add_arguments(demo)
+    demo.set_defaults(run=demo_command.main_from_arguments)
+
     niah = commands.add_parser("niah", help="needle-in-a-video-haystack data (VNBench-style)")
     niah_commands = niah.add_subparsers(dest="niah_command", metavar="WHAT")
     from linvid.niah import dataset as niah_dataset

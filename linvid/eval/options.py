@@ -136,7 +136,10 @@ def answer_log_likelihoods(model, batch: dict) -> torch.Tensor:
     first = int(labelled.float().argmax(-1).min())  # the earliest labelled position of any row
     keep = labels.shape[1] - first + 1  # logits from the position predicting `first`
     device = next(model.parameters()).device
-    inputs = {key: value.to(device) for key, value in inputs.items()}
+    inputs = {  # prepared inputs may hold encoder outputs and ints (TransV's prompt length)
+        key: value.to(device) if isinstance(value, torch.Tensor) else value
+        for key, value in inputs.items()
+    }
     logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits.float()
     logits = logits[:, -keep:-1]  # position p predicts token p + 1
     targets = labels[:, first:].to(device)
@@ -179,10 +182,12 @@ def _scores(model, questions, prompt, encoder, prepare) -> list[torch.Tensor]:
     """Option scores of each question. Rows go through the model in groups that share their
     video's shape and prompt length (one forward for a whole group), so that `prepare` sees
     uniform rows; right padding handles the options' different lengths."""
-    items, owners = [], []
+    items, owners, videos = [], [], {}
     for number, question in enumerate(questions):
         text = _prompt_of(question, prompt)
-        video = encoder.video(question.frames)
+        if id(question.frames) not in videos:  # rotations of a question share its frames
+            videos[id(question.frames)] = encoder.video(question.frames)
+        video = videos[id(question.frames)]
         for option in question.options:
             items.append(encoder.item(text, option, video, end_of_turn=False))
             owners.append(number)
@@ -195,7 +200,7 @@ def _scores(model, questions, prompt, encoder, prepare) -> list[torch.Tensor]:
     model.eval()
     try:
         for rows in groups.values():
-            batch = encoder.batch([items[row] for row in rows])
+            batch = _encoded_once(model, [items[row] for row in rows], encoder)
             if prepare is not None:
                 batch = prepare(model, batch)
             flat[rows] = answer_log_likelihoods(model, batch)
@@ -203,6 +208,28 @@ def _scores(model, questions, prompt, encoder, prepare) -> list[torch.Tensor]:
         model.train(was_training)
     owners = torch.tensor(owners)
     return [flat[owners == number] for number in range(len(questions))]
+
+
+def _encoded_once(model, items: Sequence[dict], encoder: AnswerEncoder) -> dict:
+    """`encoder.batch(items)` with each distinct video (by tensor identity) through the vision
+    tower once: its features go to every row that shows it, as `mm_encoder_outputs`."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    batch = encoder.batch(items)
+    videos: dict[int, dict] = {}  # id of a video's pixels -> the first item showing it
+    for item in items:
+        videos.setdefault(id(item["pixel_values_videos"]), item)
+    position = {key: index for index, key in enumerate(videos)}
+    device = next(model.parameters()).device
+    pixels = torch.cat([item["pixel_values_videos"] for item in videos.values()])
+    grids = torch.cat([item["video_grid_thw"] for item in videos.values()])
+    features = model.get_video_features(
+        pixels.to(device, model.dtype), grids.to(device), return_dict=True
+    ).pooler_output
+    rows = tuple(features[position[id(item["pixel_values_videos"])]] for item in items)
+    batch.pop("pixel_values_videos")
+    batch["mm_encoder_outputs"] = {"video": BaseModelOutputWithPooling(pooler_output=rows)}
+    return batch
 
 
 @torch.no_grad()

@@ -305,7 +305,8 @@ def merged_video_batch(
     *,
     ignore_index: int = -100,
 ) -> dict:
-    """`inputs` (right-padded, one video per sample, with pixel_values_videos) with every frame
+    """`inputs` (right-padded, one video per sample, with pixel_values_videos or the vision
+    tower's features as mm_encoder_outputs) with every frame
     merged to `tokens_per_frame` tokens, or to max(1, round(keep_ratio x its tokens)), after
     `model`'s vision tower (paper 002 §3.1; paper 001's keep ratio, here applied per frame
     after the tower; under the caller's grad mode), merged tokens in ascending size order
@@ -315,11 +316,20 @@ def merged_video_batch(
     config = model.config
     merge_size = config.vision_config.spatial_merge_size
     grids = inputs["video_grid_thw"]
-    if grids.shape[0] != inputs["input_ids"].shape[0] or "pixel_values_videos" not in inputs:
-        raise ValueError("per-frame ToMe needs exactly one video per sample, with its pixels")
-    vision = model.model.get_video_features(
-        inputs["pixel_values_videos"].to(model.dtype), grids, return_dict=True
-    )
+    encoded = inputs.get("mm_encoder_outputs")
+    if grids.shape[0] != inputs["input_ids"].shape[0] or (
+        "pixel_values_videos" not in inputs and encoded is None
+    ):
+        raise ValueError(
+            "per-frame ToMe needs exactly one video per sample, with its pixels or its "
+            "vision-tower features (mm_encoder_outputs)"
+        )
+    if encoded is not None:
+        vision = encoded["video"]
+    else:
+        vision = model.model.get_video_features(
+            inputs["pixel_values_videos"].to(model.dtype), grids, return_dict=True
+        )
     interval = config.vision_config.tokens_per_second  # second_per_grid 1, as in transformers
     features, rows = [], {name: [] for name in ("input_ids", "labels", "mm_token_type_ids")}
     positions, layouts = [], []
