@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench-ops clean
+.PHONY: install test demo lint bench-ops bench-models clean
 
 install: $(STAMP)
 
@@ -20,11 +20,20 @@ $(STAMP): pyproject.toml
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
+# The whole job on generated data (about 30 minutes on 2 CPU cores): needle videos, a trained
+# teacher, the four papers' students, runs/demo/report.md. A rerun reuses finished steps.
+demo: install
+	$(PY) -m linvid.cli demo --out runs/demo
+
 lint: install
 	$(VENV)/bin/ruff check linvid tests
 
 bench-ops: install
 	$(PY) -m linvid.bench.ops
+
+# About 15 minutes on 2 CPU cores; writes the README's table and plots.
+bench-models: install
+	$(PY) -m linvid.bench.models --out docs/bench-models
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
