@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -289,9 +290,7 @@ def measure_point(model, tokenizer, config, variant, frames, tokens_per_frame, d
         with torch.no_grad():
             _synchronize(device)
             started = time.perf_counter()
-            inputs = prepare_inputs(
-                model, tokenizer, pixels, grid, variant, tome_tokens_per_frame
-            )
+            inputs = prepare_inputs(model, tokenizer, pixels, grid, variant, tome_tokens_per_frame)
             _synchronize(device)
             encoded = time.perf_counter()
             _generate(model, inputs, tokenizer, decode_tokens, clock)
@@ -342,7 +341,14 @@ def run_model(spec: dict, emit=None) -> list[dict]:
     device = resolve_device(spec["device"])
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    base = {"model": spec["model"], "variant": spec["variant"]}
+    base = {
+        "model": spec["model"],
+        "variant": spec["variant"],
+        "threads": torch.get_num_threads(),
+        "malloc_environment": {
+            key: os.environ[key] for key in KEEP_FREED_MEMORY if key in os.environ
+        },
+    }
     config = bench_config(BenchSize(**spec["size"]))
     tokenizer = bench_tokenizer()
     try:
@@ -366,8 +372,17 @@ def run_model(spec: dict, emit=None) -> list[dict]:
     for frames, per_frame in spec["points"]:
         row = {**base, "status": "ok"}
         row.update(
-            measure_point(model, tokenizer, config, spec["variant"], frames, per_frame,
-                          spec["decode_tokens"], device, memory)  # fmt: skip
+            measure_point(
+                model,
+                tokenizer,
+                config,
+                spec["variant"],
+                frames,
+                per_frame,
+                spec["decode_tokens"],
+                device,
+                memory,
+            )  # fmt: skip
         )
         rows.append(row)
         if emit:
@@ -375,10 +390,20 @@ def run_model(spec: dict, emit=None) -> list[dict]:
     return rows
 
 
-def run_model_process(spec: dict, log=None) -> list[dict]:
-    """`run_model` in a fresh Python process (its memory its own); rows as they come."""
+# glibc malloc serves allocations above 32 MiB with fresh mmap()s and returns them on free, so
+# every large activation of a long prefill is page-faulted (and zeroed) again: at 16K tokens
+# that doubled the prefill time of every model here. Workers keep freed memory for reuse.
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+
+
+def run_model_process(spec: dict, log=None, *, keep_freed_memory: bool = True) -> list[dict]:
+    """`run_model` in a fresh Python process (its memory its own); rows as they come.
+    keep_freed_memory: run it with KEEP_FREED_MEMORY in its environment."""
     command = [sys.executable, "-m", "linvid.bench.models", "--worker", json.dumps(spec)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    environment = {**os.environ, **(KEEP_FREED_MEMORY if keep_freed_memory else {})}
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment
+    )
     rows = []
     for line in process.stdout:
         if line.startswith("{"):
@@ -394,7 +419,7 @@ def run_model_process(spec: dict, log=None) -> list[dict]:
 
 
 def parse_counts(text: str, what: str) -> list[int]:
-    """"a,b,c" or "lo:hi" (lo, 2 lo, 4 lo, ... up to hi) as a sorted list of ints >= 1."""
+    """ "a,b,c" or "lo:hi" (lo, 2 lo, 4 lo, ... up to hi) as a sorted list of ints >= 1."""
     try:
         if ":" in text:
             low, high = (int(part) for part in text.split(":"))
@@ -434,10 +459,12 @@ def input_points(tokens=None, frames=None, tokens_per_frame: int = 64) -> list[l
 
 
 def run(models, variants, points, *, decode_tokens: int = 64, size: BenchSize = BenchSize(),
-        device: str = "cpu", isolate: bool = True, threads: int | None = None, log=None) -> dict:  # fmt: skip
+        device: str = "cpu", isolate: bool = True, threads: int | None = None, log=None,
+        keep_freed_memory: bool = True) -> dict:  # fmt: skip
     """Measure every (model, variant) at every point; returns the report (see the module
     docstring). isolate: each (model, variant) in a fresh process (False: in this one, for
-    quick checks; peak memory is then reset per point but shares the process)."""
+    quick checks; peak memory is then reset per point but shares the process);
+    keep_freed_memory: those processes keep freed memory for reuse (KEEP_FREED_MEMORY)."""
     from linvid.bench.ops import machine_description, matmul_gflops
 
     for name in models:
@@ -460,8 +487,10 @@ def run(models, variants, points, *, decode_tokens: int = 64, size: BenchSize = 
                 "device": device,
                 "threads": threads,
             }
-            runner = run_model_process if isolate else run_model
-            rows.extend(runner(spec, log))
+            if isolate:
+                rows.extend(run_model_process(spec, log, keep_freed_memory=keep_freed_memory))
+            else:
+                rows.extend(run_model(spec, log))
     machine = machine_description(matmul_gflops())
     machine["device"] = device
     if device == "cuda":
@@ -481,6 +510,8 @@ def run(models, variants, points, *, decode_tokens: int = 64, size: BenchSize = 
             "tome_tokens_per_frame": TOME_TOKENS_PER_FRAME,
             "transv": "paper 002 schedule (uniform p=0.5 shallow, attention p=0.9 deep)",
             "isolated_processes": isolate,
+            "threads": threads,
+            "malloc_environment": KEEP_FREED_MEMORY if isolate and keep_freed_memory else {},
         },
         "rows": rows,
         "wall_seconds": time.perf_counter() - started,
@@ -520,7 +551,9 @@ def markdown_table(rows) -> str:
             f"| {row['decode_tokens_per_second']:.1f} | {speed} | {ttft} | "
             f"{row['cache_bytes'] / 2**20:.2f} | {row['peak_memory_bytes'] / 2**20:.0f} |"
         )
-    skipped = {(row["model"], row["variant"]): row["reason"] for row in rows if row["status"] != "ok"}
+    skipped = {
+        (row["model"], row["variant"]): row["reason"] for row in rows if row["status"] != "ok"
+    }
     for (name, variant), reason in skipped.items():
         lines.append(f"\nskipped {name} ({variant}): {reason}")
     return "\n".join(lines)
@@ -562,10 +595,10 @@ def goal_lines(rows) -> list[str]:
             caches = [found[(name, variant, size)]["cache_bytes"] for size in sizes
                       if (name, variant, size) in found]  # fmt: skip
             if len(caches) > 1:
-                constant = len(set(caches)) == 1
+                verdict = "constant: met" if len(set(caches)) == 1 else "NOT constant"
                 lines.append(
                     f"{name} ({variant}) cache bytes over {len(caches)} input sizes: "
-                    f"{min(caches)}..{max(caches)} ({'constant: met' if constant else 'NOT constant'})"
+                    f"{min(caches)}..{max(caches)} ({verdict})"
                 )
     return [line for line in lines if line]
 
@@ -663,6 +696,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--in-process", action="store_true", help="no fresh process per model (quick checks)"
     )
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="run the measured processes with glibc's default malloc settings (by default "
+        "they keep freed memory: large activations are not page-faulted again each layer)",
+    )
     parser.add_argument("--out", required=True, help="directory for results.json/.md and plots")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
 
@@ -723,6 +762,7 @@ def main_from_arguments(arguments: argparse.Namespace) -> int:
         isolate=not arguments.in_process,
         threads=arguments.threads,
         log=_progress,
+        keep_freed_memory=not arguments.default_malloc,
     )
     (out / "results.json").write_text(json.dumps(report, indent=1))
     text = report["table"] + "\n\n" + "\n".join(f"- {line}" for line in report["goals"]) + "\n"

@@ -91,9 +91,10 @@ def test_cache_bytes_constant_for_linear_students_and_growing_for_the_teacher(re
         assert ok[("teacher", "tome", frames)]["llm_tokens"] == teacher["llm_tokens"]
         assert ok[("teacher", "transv", frames)]["cache_bytes"] < teacher["cache_bytes"]
     small, large = (frames for frames, _ in POINTS)
-    assert ok[("teacher", "base", large)]["cache_bytes"] > ok[("teacher", "base", small)][
-        "cache_bytes"
-    ]
+    assert (
+        ok[("teacher", "base", large)]["cache_bytes"]
+        > ok[("teacher", "base", small)]["cache_bytes"]
+    )
     for model in ("rwkv6-all", "linmu"):
         sizes = {ok[(model, "base", frames)]["cache_bytes"] for frames, _ in POINTS}
         assert len(sizes) == 1 and sizes.pop() > 0
@@ -126,6 +127,11 @@ def test_command_runs_each_model_in_its_own_process(tmp_path, capsys):
     assert code == 0
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["protocol"]["isolated_processes"] is True
+    # each measured process ran with one thread and the malloc settings the report records
+    for row in result["rows"]:
+        assert row["threads"] == 1
+        assert row["malloc_environment"] == bench.KEEP_FREED_MEMORY
+    assert result["protocol"]["malloc_environment"] == bench.KEEP_FREED_MEMORY
     assert [(row["model"], row["status"]) for row in result["rows"]] == [
         ("teacher", "ok"),
         ("qwen-rwkv-vl-25", "ok"),
