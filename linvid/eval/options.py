@@ -1,15 +1,16 @@
 """Multiple-choice questions about a video, answered by likelihood: each option's text is
 scored as the model's answer (the sum of its tokens' log-probabilities after the chat prompt,
-as lmms-eval's loglikelihood path does) and the best-scoring option is the choice. The score of
-an option does not depend on the other options or their order, so a circular evaluation
-(every rotation of the options) stays meaningful.
+as lmms-eval's loglikelihood path does) and the best-scoring option is the choice. Given the
+prompt text, an option's score does not depend on the other options or their order (a prompt
+that lists the options changes with their order, and only through it), so a circular
+evaluation (every rotation of the options) stays meaningful.
 
 Works for a Qwen2.5-VL teacher and for linvid students (same forward signature). A question is
 any object with `frames` ((T, H, W, 3) uint8, numpy or torch), `options` (option texts) and a
 prompt (`prompt` attribute, or given by the caller), optionally `answer_index` and `task`.
 
-The same token layout serves training (`answer_item`, `answer_batch`): the chat prompt with the
-video placeholder expanded, then the answer's tokens, labelled, and the end-of-turn token.
+The same token layout serves training (`AnswerEncoder.item` / `.batch`): the chat prompt with
+the video placeholder expanded, then the answer's tokens, labelled, and the end-of-turn token.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ class AnswerEncoder:
     def prompt_ids(self, prompt: str, video_tokens: int) -> list[int]:
         key = (prompt, video_tokens)
         if key not in self._prompts:
+            if len(self._prompts) >= 100_000:  # bounded for open-ended prompts
+                self._prompts.clear()
             messages = video_messages(prompt, style=self.style)
             self._prompts[key] = render_video_prompt(self.tokenizer, messages, video_tokens)
         return self._prompts[key]
