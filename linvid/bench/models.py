@@ -17,7 +17,9 @@ with the papers' protocols:
 Each (model, variant) runs in a fresh process, input sizes in ascending order. A "frame" is
 one temporal patch of Qwen2.5-VL (two video frames); its tokens are the LLM tokens after the
 2x2 spatial merge (64 by default: a 224x224 frame). Writes results.json, results.md and
-ttft.png, decode.png, memory.png into --out.
+ttft.png, decode.png, memory.png into --out. `--device cuda` runs the same protocol on a GPU
+with linvid's torch ops (linvid has no fla / mamba_ssm backends yet; the report says which
+kernels ran); without a GPU it stops with an error saying so.
 """
 
 from __future__ import annotations
@@ -495,6 +497,7 @@ def run(models, variants, points, *, decode_tokens: int = 64, size: BenchSize = 
     machine["device"] = device
     if device == "cuda":
         machine["gpu"] = torch.cuda.get_device_name()
+    machine["sequence_kernels"] = sequence_kernels()
     report = {
         "machine": machine,
         "size": asdict(size),
@@ -519,6 +522,16 @@ def run(models, variants, points, *, decode_tokens: int = 64, size: BenchSize = 
     report["goals"] = goal_lines(rows)
     report["table"] = markdown_table(rows)
     return report
+
+
+def sequence_kernels() -> str:
+    """What computes the linear mixers' scans: linvid's torch ops on every device; the optional
+    GPU packages are reported when installed, since linvid does not call them yet."""
+    import importlib.util
+
+    found = [name for name in ("fla", "mamba_ssm") if importlib.util.find_spec(name)]
+    note = f"; installed but not used by linvid: {', '.join(found)}" if found else ""
+    return f"linvid torch ops (wkv6_chunk, ssd_chunk, window_attention_3d){note}"
 
 
 def _index(rows) -> dict:

@@ -57,6 +57,7 @@ def test_every_model_variant_and_size_is_reported(report):
     assert all("M-MATE" in row["reason"] for row in skipped.values())
     assert report["protocol"]["decode_tokens"] == N
     assert report["machine"]["torch"] == torch.__version__
+    assert report["machine"]["sequence_kernels"].startswith("linvid torch ops")
     assert report["size"]["hidden_size"] == 64
     assert json.loads(json.dumps(report)) == report  # JSON as it is
 
