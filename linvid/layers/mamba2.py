@@ -177,21 +177,19 @@ class Mamba2Scan(nn.Module):
         raw = inputs.float()
         # torch.where, not a product: a masked token's input may be anything, even inf.
         masked = raw if write_mask is None else torch.where(write_mask[..., None], raw, 0.0)
-        window = torch.cat((conv_state, masked.transpose(1, 2)), dim=-1)
-        if length == 1:
-            # One token (decoding): the depthwise conv is a dot product over the kernel taps;
-            # conv1d's setup costs more than the product for a window of `conv_kernel` inputs.
-            taps = (window * weight[:, 0]).sum(-1) + self.conv.bias.float()
-            convolved = taps[:, None]  # (B, 1, conv_channels)
-        else:
-            convolved = F.conv1d(window, weight, self.conv.bias.float(), groups=self.conv_channels)
-            convolved = convolved.transpose(1, 2)  # (B, L, conv_channels)
+        # The depthwise causal conv as a sum over its taps in the (B, L, channels) layout of the
+        # projections: window[:, k + t] is input t - (kernel - 1) + k (the state's inputs first).
+        # Same sums as conv1d over the transposed window, without transposing L x channels
+        # inputs into it and the output back (at 16K tokens those copies cost more than the conv).
+        window = torch.cat((conv_state.transpose(1, 2), masked), dim=1)
+        taps = weight[:, 0]  # (conv_channels, kernel)
+        convolved = torch.addcmul(self.conv.bias.float(), window[:, :length], taps[:, 0])
+        for tap in range(1, self.conv_kernel):
+            convolved = torch.addcmul(convolved, window[:, tap : tap + length], taps[:, tap])
         if write_mask is not None:
             c_size = self.split_sizes[2]
-            own_tap = weight[-c_size:, 0, -1] * raw[..., -c_size:] * (~write_mask)[..., None]
-            convolved = torch.cat(
-                (convolved[..., :-c_size], convolved[..., -c_size:] + own_tap), dim=-1
-            )
+            own_tap = taps[-c_size:, -1] * raw[..., -c_size:] * (~write_mask)[..., None]
+            convolved[..., -c_size:] += own_tap  # convolved is this function's own tensor
         x, B, C = F.silu(convolved).split(self.split_sizes, dim=-1)
 
         repeats = self.num_heads // self.num_groups
@@ -211,7 +209,8 @@ class Mamba2Scan(nn.Module):
             y, ssm_state = ssd_chunk(
                 x, dt, A, B, C, D=D, initial_state=ssm_state, chunk_size=self.chunk_size
             )
-        kept = window[..., window.shape[-1] - (self.conv_kernel - 1) :]
+        # A copy, not a view: the state must not keep the whole prefill window alive.
+        kept = window[:, window.shape[1] - (self.conv_kernel - 1) :].transpose(1, 2).contiguous()
         return y, {"conv": kept, "ssm": ssm_state}
 
     def read_state(self, state: MixerState | None, batch: int):
