@@ -382,9 +382,17 @@ def run_demo(config: DemoConfig, out: str | os.PathLike, log=None) -> Path:
             ),
         )
     teacher_log = _teacher_summary(teacher)
+    from linvid.niah.teacher import HELD_OUT_SEED_BASE
+
+    seeds = {
+        "teacher_model_and_training_data": config.seed,
+        "distillation_data": config.seed + 1,
+        "distillation_runs": config.seed,
+        "held_out_questions_from": HELD_OUT_SEED_BASE,
+    }
     return write_report(
         out,
-        config=dataclasses.asdict(config),
+        config={**dataclasses.asdict(config), "seeds": seeds},
         machine=machine(),
         steps=timer.seconds,
         teacher=teacher_log,

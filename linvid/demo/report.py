@@ -157,7 +157,7 @@ def markdown(report: dict, images: list[str]) -> str:
     lines = [
         "# linvid demo report",
         "",
-        f"Run `{config['name']}` (seed {config['seed']}), {report['total_seconds']:.0f} s in "
+        f"Run `{config['name']}` (seeds {config['seeds']}), {report['total_seconds']:.0f} s in "
         f"all, on {report['machine']['processor']} ({report['machine']['cpu_count']} cores), "
         f"torch {report['machine']['torch']}, transformers {report['machine']['transformers']}.",
         f"Trained at {config['train_frames']} frames; evaluated at {', '.join(map(str, frames))} "
@@ -199,6 +199,17 @@ def markdown(report: dict, images: list[str]) -> str:
     lines.append("| step | seconds |")
     lines.append("|---|---|")
     lines += [f"| {step} | {seconds:.1f} |" for step, seconds in report["steps_seconds"].items()]
+    training = report["teacher"].get("training")
+    lines += ["", "## Teacher", ""]
+    if training:
+        lines.append(
+            f"- `{report['teacher']['directory']}`: {training.get('steps')} steps, "
+            f"{training.get('samples')} samples in {training.get('seconds')} s "
+            f"({training.get('samples_per_second')} samples/s); goals met in training: "
+            f"{training.get('goals_met')}; last held-out check: {training.get('last_check')}"
+        )
+    else:
+        lines.append(f"- `{report['teacher']['directory']}` (no training log found)")
     lines += ["", "## Students", ""]
     for name, summary in report["students"].items():
         stages = ", ".join(
