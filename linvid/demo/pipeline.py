@@ -45,7 +45,7 @@ class DemoConfig:
     train_frames: int = 16
     eval_frames: tuple[int, ...] = (16, 64, 256)  # 1x, 4x, 16x the training length
     eval_per_task: tuple[int, ...] = (48, 24, 12)  # held-out questions per task, per length
-    distill_per_task: int = 160  # distillation conversations per task
+    distill_per_task: int = 1000  # distillation conversations per task
     teacher_seconds: float = 600.0
     teacher_max_steps: int | None = None
     teacher_check_every: int = 500
