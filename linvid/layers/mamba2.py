@@ -46,7 +46,7 @@ from linvid.layers.base import (
     check_state_tensor,
     context_mask,
 )
-from linvid.ops.ssd import ssd_chunk, ssd_step
+from linvid.ops.ssd import ssd_chunk, ssd_step, ssd_step_grouped
 from linvid.ops.validation import check_positive_int, check_shape
 
 # z with silu(z) = 1 (float64 Newton root): a zero-weight gate with this bias passes y unchanged.
@@ -170,6 +170,8 @@ class Mamba2Scan(nn.Module):
             "(B, L, hidden)",
         )
         conv_state, ssm_state = self.read_state(state, batch)
+        if length == 1 and state is not None and write_mask is None:
+            return self._step(hidden_states, inputs, conv_state, ssm_state)
         if conv_state is None:
             conv_shape = (batch, self.conv_channels, self.conv_kernel - 1)
             conv_state = torch.zeros(conv_shape, device=inputs.device)
@@ -212,6 +214,31 @@ class Mamba2Scan(nn.Module):
         # A copy, not a view: the state must not keep the whole prefill window alive.
         kept = window[:, window.shape[1] - (self.conv_kernel - 1) :].transpose(1, 2).contiguous()
         return y, {"conv": kept, "ssm": ssm_state}
+
+    def _step(self, hidden_states, inputs, conv_state, ssm_state):
+        """forward for one token with a state and no write mask (decoding): the same sums with
+        fewer tensor operations (the window (B, channels, kernel) in the state's layout, x and B
+        kept at their num_groups groups by ssd_step_grouped, no input checks on the hot path
+        beyond forward's). Returns what forward returns."""
+        batch = inputs.shape[0]
+        window = torch.cat((conv_state, inputs.float().transpose(1, 2)), dim=2)  # (B, ch, k)
+        taps = self.conv.weight.float()[:, 0]  # (conv_channels, kernel)
+        convolved = torch.addcmul(self.conv.bias.float(), window[..., 0], taps[:, 0])
+        for tap in range(1, self.conv_kernel):
+            convolved = torch.addcmul(convolved, window[..., tap], taps[:, tap])
+        x, B, C = F.silu(convolved).split(self.split_sizes, dim=-1)
+        dt = F.softplus(self.dt_proj(hidden_states[:, 0]).float() + self.dt_bias.float())
+        y, ssm_state = ssd_step_grouped(
+            x.view(batch, self.num_groups, self.head_dim),
+            dt,
+            -torch.exp(self.A_log.float()),
+            B.view(batch, self.num_groups, self.state_size),
+            C.view(batch, self.num_heads, self.state_size),
+            ssm_state,
+            D=self.D.float(),
+        )
+        kept = window[..., 1:].contiguous()
+        return y[:, None], {"conv": kept, "ssm": ssm_state}
 
     def read_state(self, state: MixerState | None, batch: int):
         """(conv (B, conv_channels, kernel - 1), ssm (B, H, P, N)) of a checked state dict, or

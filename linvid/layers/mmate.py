@@ -134,8 +134,8 @@ class FlexMA(nn.Module):
         batch, length = check_hidden_states(hidden_states, self.hidden_size)
         padding_mask = context_mask(context, "padding_mask", batch, length)
         videos, vision_mask = read_videos(context, batch, length, hidden_states.device)
-        rows = torch.arange(batch, device=hidden_states.device)[:, None]
         if vision_mask is not None:
+            rows = torch.arange(batch, device=hidden_states.device)[:, None]
             order, inverse = self.scan_order(videos, length, hidden_states.device)
             # RMS moves vision tokens only within their own video's slots, so the padding and
             # vision masks read the same before and after the scan.
@@ -408,6 +408,15 @@ def read_videos(
             f"context.videos must hold one list of VideoLayout per sample (B = {batch}), got "
             f"{len(videos)} lists"
         )
+    given = context_mask(context, "vision_mask", batch, length)
+    if not any(videos):
+        # No video (e.g. decoding): the mask would be all False; one reduction checks `given`.
+        if given is not None and bool(given.any()):
+            raise ValueError(
+                f"context.vision_mask must be True exactly at the positions of context.videos: "
+                f"it marks {int(given.sum())} tokens, the videos cover 0"
+            )
+        return videos, None
     mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
     for sample, layouts in enumerate(videos):
         for index, layout in enumerate(layouts):
@@ -417,7 +426,6 @@ def read_videos(
             if bool(mask[sample, positions].any()):
                 raise ValueError(f"{name} shares positions with another video of sample {sample}")
             mask[sample, positions] = True
-    given = context_mask(context, "vision_mask", batch, length)
     if given is not None and not torch.equal(given.to(device), mask):
         raise ValueError(
             f"context.vision_mask must be True exactly at the positions of context.videos: it "

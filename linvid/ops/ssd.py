@@ -76,6 +76,31 @@ def ssd_step(x, dt, A, B, C, state, *, D=None):
     return y.to(x.dtype), state
 
 
+def ssd_step_grouped(x, dt, A, B, C, state, *, D=None):
+    """ssd_step for a layer whose x and B are shared by the R = H / G heads of each group (a
+    Mamba-2 mixer built from a grouped-query teacher), without repeating them to H heads:
+    equal to ssd_step(x.repeat_interleave(R, 1), dt, A, B.repeat_interleave(R, 1), C, state,
+    D=D) with C at H groups.
+
+    x: (B, G, P); dt: (B, H) positive; A: (H,) negative; B: (B, G, N); C: (B, H, N); state:
+    (B, H, P, N); D: (H,) or None; all float32. Returns (y (B, H, P), new state (B, H, P, N)),
+    float32. Unchecked (the decoding hot path): the caller guarantees shapes, dtypes and signs.
+    """
+    batch, heads = dt.shape
+    groups, head_dim = x.shape[1], x.shape[2]
+    repeats = heads // groups
+    state_dim = B.shape[-1]
+    grouped = state.view(batch, groups, repeats, head_dim, state_dim)
+    decay = torch.exp(dt * A).view(batch, groups, repeats, 1, 1)
+    x_heads = x.view(batch, groups, 1, head_dim)
+    inflow = (dt.view(batch, groups, repeats, 1) * x_heads).unsqueeze(-1)  # dt x: (.., P, 1)
+    state = torch.addcmul(decay * grouped, inflow, B.view(batch, groups, 1, 1, state_dim))
+    y = (state @ C.view(batch, groups, repeats, state_dim, 1)).squeeze(-1)  # (B, G, R, P)
+    if D is not None:
+        y = torch.addcmul(y, D.view(groups, repeats, 1), x_heads)
+    return y.view(batch, heads, head_dim), state.view(batch, heads, head_dim, state_dim)
+
+
 def _ssd_update(x, dt, A, B, C, D, state):
     """The recurrence for one token on float32 tensors shaped as in ssd_step."""
     repeats = x.shape[1] // B.shape[1]

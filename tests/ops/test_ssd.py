@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
 
-from linvid.ops.ssd import ssd_chunk, ssd_recurrent, ssd_step
+from linvid.ops.ssd import ssd_chunk, ssd_recurrent, ssd_step, ssd_step_grouped
 
 SETTINGS = settings(max_examples=40, deadline=None)
 TOLERANCE = 1e-5  # of the output magnitude, see the module docstring
@@ -435,3 +435,28 @@ def test_wrong_step_state_shape_names_state():
 def test_chunk_size_must_be_a_positive_int(chunk_size):
     with pytest.raises(ValueError, match=r"^chunk_size must be an int >= 1"):
         ssd_chunk(**_valid(), chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("with_D", [True, False])
+@pytest.mark.parametrize(("heads", "groups"), [(6, 2), (4, 4), (3, 1)])
+def test_grouped_step_equals_step_with_repeated_x_and_B(heads, groups, with_D):
+    generator = torch.Generator().manual_seed(heads * 10 + groups)
+    batch, head_dim, state_dim = 2, 5, 3
+    repeats = heads // groups
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    x, B, C = (
+        rand(batch, groups, head_dim),
+        rand(batch, groups, state_dim),
+        rand(batch, heads, state_dim),
+    )
+    dt, A = rand(batch, heads).exp(), -rand(heads).exp()
+    state, D = rand(batch, heads, head_dim, state_dim), rand(heads) if with_D else None
+    want, want_state = ssd_step(
+        x.repeat_interleave(repeats, 1), dt, A, B.repeat_interleave(repeats, 1), C, state, D=D
+    )
+    got, got_state = ssd_step_grouped(x, dt, A, B, C, state, D=D)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_state, want_state, rtol=1e-6, atol=1e-6)
