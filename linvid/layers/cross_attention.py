@@ -125,17 +125,20 @@ class GatedCrossAttention(nn.Module):
         batch, length = check_hidden_states(hidden_states, self.hidden_size)
         padding = context_mask(context, "padding_mask", batch, length)
         vision = context_mask(context, "vision_mask", batch, length)
-        text = torch.ones(batch, length, dtype=torch.bool, device=hidden_states.device)
-        if padding is not None:
-            text = text & padding
-        if vision is not None:
-            text = text & ~vision
         scene_keys, scene_values, scene_mask = self._scenes(context, state, batch, hidden_states)
         new_state = {
             "scene_keys": scene_keys,
             "scene_values": scene_values,
             "scene_mask": scene_mask,
         }
+        if length == 1 and padding is None and (vision is None or not bool(vision.any())):
+            # One text token per sample (decoding): no gathering of text tokens to the front.
+            return self._text_step(hidden_states, scene_keys, scene_values, scene_mask), new_state
+        text = torch.ones(batch, length, dtype=torch.bool, device=hidden_states.device)
+        if padding is not None:
+            text = text & padding
+        if vision is not None:
+            text = text & ~vision
         output = torch.zeros_like(hidden_states)
         if scene_keys.shape[2] == 0 or not bool(text.any()):
             return output, new_state
@@ -171,6 +174,27 @@ class GatedCrossAttention(nn.Module):
         branch = torch.where(keep, branch, 0.0)
         # `order` is a permutation per sample, so no position is written twice.
         return output.scatter(1, index, branch), new_state
+
+    def _text_step(self, hidden_states, scene_keys, scene_values, scene_mask):
+        """forward's branch for a call of one text token per sample: hidden_states (B, 1,
+        hidden), the scenes as forward gets them. The same sums as forward's general path,
+        whose gathered text rows are then these tokens themselves."""
+        batch = hidden_states.shape[0]
+        if scene_keys.shape[2] == 0:
+            return torch.zeros_like(hidden_states)
+        has_scene = scene_mask.any(dim=1)
+        queries = self.query(hidden_states).view(batch, 1, self.num_heads, self.head_dim)
+        attended = nn.functional.scaled_dot_product_attention(
+            queries.transpose(1, 2),
+            scene_keys.to(queries.dtype),
+            scene_values.to(queries.dtype),
+            attn_mask=(scene_mask | ~has_scene[:, None])[:, None, None, :],
+            enable_gqa=self.num_heads != self.num_key_value_heads,
+        )  # (B, H, 1, head_dim)
+        attended = attended.transpose(1, 2).reshape(batch, 1, -1)
+        dynamic_gate = torch.tanh(self.dynamic_gate(hidden_states))  # g_d: (B, 1, 1)
+        branch = self.output(attended) * dynamic_gate * self.static_gate
+        return torch.where(has_scene[:, None, None], branch, 0.0)
 
     def _scenes(self, context, state, batch: int, hidden_states: torch.Tensor):
         """(keys (B, H_kv, S, hd), values (B, H_kv, S, hd), mask (B, S)) from the context's scene

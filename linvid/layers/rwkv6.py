@@ -33,7 +33,7 @@ from linvid.layers.base import (
     context_mask,
 )
 from linvid.ops.validation import check_positive_int
-from linvid.ops.wkv6 import wkv6_chunk, wkv6_step
+from linvid.ops.wkv6 import wkv6_chunk, wkv6_step, wkv6_step_trusted
 
 # The five data-dependent lerps of the token shift, in BlinkDL's x060 order.
 SHIFT_MIX_ORDER = ("decay", "key", "value", "receptance", "gate")
@@ -219,6 +219,8 @@ class RWKV6TimeMix(nn.Module):
         batch, length = check_hidden_states(hidden_states, self.hidden_size)
         real = context_mask(context, "padding_mask", batch, length)
         shift, wkv_state = self._read_state(state, batch)
+        if length == 1 and real is None and state is not None:
+            return self._step(hidden_states, shift, wkv_state)
         dtype = hidden_states.dtype
         inputs = hidden_states
         if real is not None:  # `where`, not a product: nothing in a padding token can leak
@@ -269,6 +271,36 @@ class RWKV6TimeMix(nn.Module):
         normed = self.output_norm(mixed_heads.reshape(batch * length, attention_size))
         output = self.output(normed.view(batch, length, attention_size) * gate)
         return output, {"shift": last_input.float(), "wkv": wkv_state}
+
+    def _step(self, hidden_states, shift, wkv_state):
+        """forward for one token with a state and no padding mask (decoding): the same sums
+        on (B, hidden) rows, the five mixes as one batched matmul and the WKV step without
+        re-checking inputs it builds itself. Returns what forward returns."""
+        batch = hidden_states.shape[0]
+        inputs = hidden_states[:, 0]  # (B, hidden)
+        delta = shift.to(inputs.dtype) - inputs
+        mixes = len(SHIFT_MIX_ORDER)
+        low_rank = torch.tanh((inputs + delta * self.shift_mix_x) @ self.shift_mix_down)
+        # (mixes, B, R1) @ (mixes, R1, hidden): the offsets of the five mixes, mix-major.
+        offsets = torch.bmm(low_rank.view(batch, mixes, -1).transpose(0, 1), self.shift_mix_up)
+        mixed = inputs + delta * (self.shift_mix[:, None] + offsets)  # (mixes, B, hidden)
+        decay_input, key_input, value_input, receptance_input, gate_input = mixed.unbind(0)
+
+        decay_logits = self.decay_base + torch.tanh(decay_input @ self.decay_down) @ self.decay_up
+        log_decay = -torch.exp(decay_logits.float())
+        heads = (batch, self.num_heads, self.head_dim)
+        mixed_heads, wkv_state = wkv6_step_trusted(
+            self.receptance(receptance_input).float().view(heads),
+            self.key(key_input).float().view(heads),
+            self.value(value_input).float().view(heads),
+            log_decay.view(heads),
+            self.bonus.float(),
+            wkv_state.float(),
+        )
+        gate = nn.functional.silu(self.gate(gate_input))
+        normed = self.output_norm(mixed_heads.to(inputs.dtype).view(batch, -1))
+        output = self.output(normed * gate)
+        return output[:, None], {"shift": inputs.float(), "wkv": wkv_state}
 
     def _read_state(self, state: MixerState | None, batch: int):
         """(shift (B, hidden), wkv (B, H, K, K)) from a state dict, or (None, None)."""

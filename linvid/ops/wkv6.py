@@ -77,6 +77,20 @@ def wkv6_step(r, k, v, w, u, state, *, scale: float = 1.0):
     return output.to(v.dtype), state
 
 
+def wkv6_step_trusted(r, k, v, w, u, state, *, scale: float = 1.0):
+    """wkv6_step without its input checks, for a caller that guarantees them (the decoding hot
+    path of RWKV6TimeMix, whose w = -exp(...) is <= 0 by construction): r, k, w (B, H, K),
+    v (B, H, V), u (H, K), state (B, H, K, V), all float32. Returns (o (B, H, V), new state
+    (B, H, K, V)), float32, the same sums as wkv6_step with fewer tensor operations (matmul
+    instead of einsum, the state update k^T v fused into one addcmul)."""
+    bonus = (r * u * k).sum(-1, keepdim=True) * v  # r @ ((u * k)^T v)
+    output = (r.unsqueeze(-2) @ state).squeeze(-2) + bonus
+    if scale != 1.0:
+        output = scale * output
+    state = torch.addcmul(torch.exp(w).unsqueeze(-1) * state, k.unsqueeze(-1), v.unsqueeze(-2))
+    return output, state
+
+
 def _wkv6_update(r, k, v, w, u, state, scale):
     """The recurrence for one token on float32 tensors shaped as in wkv6_step."""
     kv = k.unsqueeze(-1) * v.unsqueeze(-2)  # k^T v: (B, H, K, V)

@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from linvid.ops.wkv6 import wkv6_chunk, wkv6_recurrent, wkv6_step
+from linvid.ops.wkv6 import wkv6_chunk, wkv6_recurrent, wkv6_step, wkv6_step_trusted
 
 SETTINGS = settings(max_examples=40, deadline=None)
 TOLERANCE = 1e-5  # of the output magnitude, see the module docstring
@@ -406,3 +406,21 @@ def test_wrong_step_state_shape_names_state():
 def test_chunk_size_must_be_a_positive_int(chunk_size):
     with pytest.raises(ValueError, match=r"^chunk_size must be an int >= 1"):
         wkv6_chunk(**_valid(), chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.125])
+def test_trusted_step_equals_step(scale):
+    generator = torch.Generator().manual_seed(7)
+    batch, heads, key_dim, value_dim = 2, 3, 4, 5
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    r, k = rand(batch, heads, key_dim), rand(batch, heads, key_dim)
+    w = -rand(batch, heads, key_dim).exp()
+    v, u = rand(batch, heads, value_dim), rand(heads, key_dim)
+    state = rand(batch, heads, key_dim, value_dim)
+    want, want_state = wkv6_step(r, k, v, w, u, state, scale=scale)
+    got, got_state = wkv6_step_trusted(r, k, v, w, u, state, scale=scale)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_state, want_state, rtol=1e-6, atol=1e-6)
