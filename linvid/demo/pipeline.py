@@ -52,7 +52,7 @@ class DemoConfig:
     stage_steps: int | None = None  # None: the recipes' own steps
     stage_batch_size: int | None = None
     students: tuple[str, ...] = tuple(STUDENTS)
-    speed_frames: tuple[int, ...] = (16, 64, 256, 1024)
+    speed_frames: tuple[int, ...] = (16, 64, 256, 1024, 4096)
     decode_tokens: int = 32
     depth_bins: int = 4
     threads: int = 2
@@ -191,7 +191,9 @@ def distill_student(config: DemoConfig, out: Path, teacher: Path, data: dict, pr
     from linvid.distill.trainer import RunOptions, distill
 
     recipe = scaled_recipe(config, preset)
-    run = out / "students" / preset
+    # A changed recipe (or teacher) distills anew instead of reusing an older student.
+    key = _settings_hash(recipe=dataclasses.asdict(recipe), teacher=str(teacher), data=data)
+    run = out / "students" / f"{preset}-{key}"
     summary_path = run / "summary.json"
     if summary_path.is_file() and (run / "student").is_dir():
         return run / "student", json.loads(summary_path.read_text())

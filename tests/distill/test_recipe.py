@@ -188,7 +188,7 @@ def test_errors_name_stage_and_field(tmp_path):
     del recipe["defaults"]["steps"]
     path.write_text(yaml.safe_dump(recipe))
     lengths = [(s.steps, s.epochs) for s in load_recipe(path).stages]
-    assert lengths == [(None, 3.0), (300, None), (150, None)]  # their own steps stay
+    assert lengths == [(None, 3.0), (500, None), (250, None)]  # their own steps stay
     with pytest.raises(ValueError, match="shipped"):
         load_recipe("no_such_recipe")
 
