@@ -198,7 +198,10 @@ def markdown(report: dict, images: list[str]) -> str:
     lines += ["", "## Steps", ""]
     lines.append("| step | seconds |")
     lines.append("|---|---|")
-    lines += [f"| {step} | {seconds:.1f} |" for step, seconds in report["steps_seconds"].items()]
+    lines += [
+        f"| {step} | {seconds:.1f}{' (reused from an earlier run)' if seconds < 0.5 else ''} |"
+        for step, seconds in report["steps_seconds"].items()
+    ]
     training = report["teacher"].get("training")
     lines += ["", "## Teacher", ""]
     if training:
@@ -244,7 +247,9 @@ def plots(report: dict, out: Path) -> list[str]:
     plt.close(figure)
     written.append(str(out / "accuracy.png"))
 
-    figure, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names), 2.8), squeeze=False)
+    figure, axes = plt.subplots(
+        1, len(names), figsize=(2.8 * len(names), 3.2), squeeze=False, constrained_layout=True
+    )
     for axis, name in zip(axes[0], names, strict=True):
         grid = report["heatmap"][name]
         rows = sorted(grid)
@@ -256,7 +261,7 @@ def plots(report: dict, out: Path) -> list[str]:
         axis.set_title(name, fontsize=9)
         axis.set_xlabel("needle depth", fontsize=8)
     axes[0][0].set_ylabel("frames")
-    figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="accuracy (circular)")
     figure.savefig(out / "heatmap.png", dpi=100)
     plt.close(figure)
     written.append(str(out / "heatmap.png"))
