@@ -10,6 +10,19 @@ import sys
 from linvid import __version__
 
 
+def add_module_command(commands, name: str, module, summary: str) -> None:
+    """A subcommand whose work lives in `module`: its docstring is the description, its
+    add_arguments(parser) and main_from_arguments(arguments) the arguments and the run."""
+    command = commands.add_parser(
+        name,
+        help=summary,
+        description=module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    module.add_arguments(command)
+    command.set_defaults(run=module.main_from_arguments)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="linvid",
@@ -29,38 +42,23 @@ def build_parser() -> argparse.ArgumentParser:
         ("memory", memory, "peak memory of `linvid ask` against the number of frames"),
         ("models", models, "TTFT, decode throughput, memory and cache of teacher and students"),
     ):
-        benchmark = bench_commands.add_parser(
-            name,
-            help=summary,
-            description=module.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        module.add_arguments(benchmark)
-        benchmark.set_defaults(run=module.main_from_arguments)
+        add_module_command(bench_commands, name, module, summary)
 
     from linvid.demo import command as demo_command
 
-    demo = commands.add_parser(
-        "demo",
-        help="the whole job on generated data: teacher, four students, report",
-        description=demo_command.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    demo_command.add_arguments(demo)
-    demo.set_defaults(run=demo_command.main_from_arguments)
+    summary = "the whole job on generated data: teacher, four students, report"
+    add_module_command(commands, "demo", demo_command, summary)
 
     niah = commands.add_parser("niah", help="needle-in-a-video-haystack data (VNBench-style)")
     niah_commands = niah.add_subparsers(dest="niah_command", metavar="WHAT")
     from linvid.niah import dataset as niah_dataset
 
-    niah_generate = niah_commands.add_parser(
+    add_module_command(
+        niah_commands,
         "generate",
-        help="write needle videos, vnbench.jsonl and conversations.jsonl",
-        description=niah_dataset.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        niah_dataset,
+        "write needle videos, vnbench.jsonl and conversations.jsonl",
     )
-    niah_dataset.add_arguments(niah_generate)
-    niah_generate.set_defaults(run=niah_dataset.main_from_arguments)
 
     scenes = commands.add_parser(
         "scenes",

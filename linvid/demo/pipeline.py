@@ -197,10 +197,7 @@ def distill_student(config: DemoConfig, out: Path, teacher: Path, data: dict, pr
     summary_path = run / "summary.json"
     if summary_path.is_file() and (run / "student").is_dir():
         return run / "student", json.loads(summary_path.read_text())
-    if run.exists():  # an unfinished run: continue it
-        resume = (run / "checkpoints").is_dir()
-    else:
-        resume = False
+    resume = (run / "checkpoints").is_dir()  # an unfinished run: continue it
     size = 56 * 56
     options = RunOptions(
         teacher=str(teacher),
@@ -272,7 +269,7 @@ def evaluate_model(model, tokenizer, settings: InferenceSettings, config: DemoCo
                 rotated,
                 prompt=prompt_text,
                 encoder=encoder,
-                batch_questions=1 if settings.transv else len(rotated),
+                batch_questions=len(rotated),  # rows are grouped by prompt length anyway
                 prepare=prepare,
             )
             picks = [record["correct"] for record in result["records"]]
