@@ -271,8 +271,10 @@ class PrefillCache:
         self._handle = model.register_forward_hook(self._record)
 
     def _record(self, module, args, output) -> None:
-        if self.bytes is None and getattr(output, "past_key_values", None) is not None:
-            self.bytes = cache_bytes(output.past_key_values)
+        from linvid.models.cache import output_cache
+
+        if self.bytes is None and output_cache(output) is not None:
+            self.bytes = cache_bytes(output_cache(output))
 
     def remove(self) -> None:
         self._handle.remove()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from linvid.eval.prompts import VIDEO_PLACEHOLDER, render_video_prompt, video_messages
+from linvid.models.cache import cache_keyword
 from linvid.models.qwen2_5_vl import LinvidQwen2_5_VLForConditionalGeneration
 from linvid.models.qwen_video import (
     MAX_PIXELS,
@@ -197,7 +198,7 @@ def _ask_streaming(
 
     def step(**inputs):
         with torch.no_grad():
-            return model(**inputs, past_key_values=cache, use_cache=True).logits[:, -1]
+            return model(**inputs, **cache_keyword(cache), use_cache=True).logits[:, -1]
 
     def tokens(ids):
         return torch.tensor([ids], device=device)

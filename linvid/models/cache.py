@@ -7,10 +7,43 @@ token-shift or conv inputs, cached scene keys/values); none of them grows with t
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, LinearAttentionCacheLayerMixin
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer
 
 from linvid.layers.base import MixerState
+
+
+def _cache_argument() -> str:
+    """The name transformers passes the cache under: "cache" from 5.24 on (its decoder layers,
+    attention, masks, generate() and model outputs), "past_key_values" before (5.24 to 5.39
+    still accept it as a deprecated alias on the way in, but pass and return "cache")."""
+    parameters = inspect.signature(Qwen2_5_VLDecoderLayer.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+CACHE_ARGUMENT = _cache_argument()
+
+
+def cache_keyword(cache) -> dict:
+    """`{name: cache}` under the installed transformers' name for it, to splat into a call."""
+    return {CACHE_ARGUMENT: cache}
+
+
+def given_cache(cache=None, past_key_values=None):
+    """The cache a caller passed under either name (linvid's own forwards accept both); both
+    given and different is an error."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the cache once: got both cache= and past_key_values=")
+    return cache if cache is not None else past_key_values
+
+
+def output_cache(output):
+    """The cache a transformers model output carries (`output.cache` from 5.24 on,
+    `output.past_key_values` before), or None."""
+    return getattr(output, CACHE_ARGUMENT, None)
 
 
 class MixerStateLayer(LinearAttentionCacheLayerMixin):

@@ -1,7 +1,8 @@
 """The adapter that lets a linvid mixer sit where a decoder layer's self-attention was.
 
 transformers' decoder layers call `self_attn(hidden_states=..., attention_mask=...,
-position_embeddings=..., past_key_values=..., ...)` and expect `(output, attention_weights)`.
+position_embeddings=..., cache=..., ...)` (`past_key_values=` before transformers 5.24) and
+expect `(output, attention_weights)`.
 `MixerAttention` keeps that contract, reads the per-call `MixerContext` that the model put in a
 shared `ContextHolder`, and keeps the mixer's state in the layer's `MixerStateLayer` of the
 `HybridCache`. Rotary embeddings and the 4D attention mask are not used: linear mixers are
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from linvid.layers.base import MixerContext
-from linvid.models.cache import HybridCache
+from linvid.models.cache import HybridCache, given_cache
 
 
 class ContextHolder:
@@ -41,10 +42,13 @@ class MixerAttention(nn.Module):
         position_ids=None,
         past_key_values=None,
         position_embeddings=None,
+        cache=None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
-        """hidden_states: (B, L, D) normalised by the decoder layer. Returns ((B, L, D), None)."""
+        """hidden_states: (B, L, D) normalised by the decoder layer; the cache comes as `cache`
+        or `past_key_values`, as the installed transformers names it. Returns ((B, L, D), None)."""
         context = self.context_holder.context or MixerContext.empty(hidden_states.shape[0])
+        past_key_values = given_cache(cache, past_key_values)
         entry = None
         if past_key_values is not None:
             if not isinstance(past_key_values, HybridCache):

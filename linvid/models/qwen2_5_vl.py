@@ -23,7 +23,7 @@ from transformers.conversion_mapping import (
 )
 
 from linvid.layers.base import MixerContext, VideoLayout
-from linvid.models.cache import HybridCache
+from linvid.models.cache import HybridCache, cache_keyword, given_cache
 from linvid.models.mixer_attention import ContextHolder, MixerAttention
 from linvid.models.mixers import build_mixer, mixer_needs_scenes
 from linvid.models.plan import ConversionPlan, resolve_plan
@@ -83,9 +83,16 @@ class LinvidQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         image_grid_thw=None,
         video_grid_thw=None,
         mm_token_type_ids=None,
+        second_per_grid_ts=None,
         mm_encoder_outputs=None,
+        cache=None,
         **kwargs,
     ):
+        """Qwen2.5-VL's forward with the hybrid cache. The cache comes as `cache` or
+        `past_key_values` (transformers >= 5.24 / older name); second_per_grid_ts (num_videos,)
+        seconds per temporal patch, as Qwen's processor returns it, sets the video tokens'
+        temporal M-RoPE positions exactly as in the teacher."""
+        past_key_values = given_cache(cache, past_key_values)
         use_cache = use_cache if use_cache is not None else self.config.text_config.use_cache
         if use_cache and not isinstance(past_key_values, HybridCache):
             if past_key_values is not None and past_key_values.get_seq_length() > 0:
@@ -125,7 +132,6 @@ class LinvidQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 inputs_embeds=inputs_embeds,
                 use_cache=use_cache,
                 pixel_values=pixel_values,
@@ -133,7 +139,9 @@ class LinvidQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
                 image_grid_thw=image_grid_thw,
                 video_grid_thw=video_grid_thw,
                 mm_token_type_ids=mm_token_type_ids,
+                second_per_grid_ts=second_per_grid_ts,
                 mm_encoder_outputs=mm_encoder_outputs,
+                **cache_keyword(past_key_values),
                 **kwargs,
             )
         finally:

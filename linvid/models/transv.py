@@ -43,6 +43,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 
 from linvid.layers.base import MixerContext
 from linvid.layers.transv import MODES, TransV, check_drop, dropped_count
+from linvid.models.cache import cache_keyword, given_cache
 from linvid.models.mixer_attention import MixerAttention
 
 INITS = ("transfer", "random")
@@ -256,8 +257,10 @@ class TransVTextModel(Qwen2_5_VLTextModel):
         past_key_values=None,
         inputs_embeds=None,
         use_cache=None,
+        cache=None,
         **kwargs,
     ):
+        past_key_values = given_cache(cache, past_key_values)
         vision_mask = self.transv_vision_mask
         dropped_before = bool(getattr(past_key_values, "transv_kept", None))
         enabled = getattr(self, "transv_enabled", True)
@@ -274,9 +277,9 @@ class TransVTextModel(Qwen2_5_VLTextModel):
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 inputs_embeds=inputs_embeds,
                 use_cache=use_cache,
+                **cache_keyword(past_key_values),
                 **kwargs,
             )
         if (input_ids is None) ^ (inputs_embeds is not None):
@@ -354,8 +357,8 @@ class TransVTextModel(Qwen2_5_VLTextModel):
                 attention_mask=mask,
                 position_embeddings=(cos, sin),
                 position_ids=None,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
+                **cache_keyword(past_key_values),
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
@@ -369,7 +372,7 @@ class TransVTextModel(Qwen2_5_VLTextModel):
         target = torch.where(kept_positions >= 0, kept_positions, length)
         full = full.scatter(1, target[..., None].expand(-1, -1, full.shape[-1]), hidden_states)
         return BaseModelOutputWithPast(
-            last_hidden_state=full[:, :length], past_key_values=past_key_values
+            last_hidden_state=full[:, :length], **cache_keyword(past_key_values)
         )
 
     def _segment_mask(self, start: int, hidden_states, past_key_values, attention_mask):
@@ -388,9 +391,9 @@ class TransVTextModel(Qwen2_5_VLTextModel):
             config=self.config,
             inputs_embeds=hidden_states,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=None,
             layer_idx=attention[0],
+            **cache_keyword(past_key_values),
         )
 
     @torch.no_grad()

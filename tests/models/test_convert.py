@@ -9,7 +9,7 @@ from qwen_inputs import batch_inputs, video_sample
 from transformers import AutoModelForImageTextToText
 
 import linvid
-from linvid.models.cache import HybridCache
+from linvid.models.cache import HybridCache, cache_keyword, output_cache
 from linvid.models.mixer_attention import MixerAttention
 from linvid.models.plan import PRESETS, ConversionPlan
 
@@ -89,7 +89,7 @@ def test_prefill_then_decoding_equals_one_full_forward(teacher, name, padded_bat
         prefill[key] = inputs[key][:, :-decode_steps]
     with torch.no_grad():
         output = student(**prefill, use_cache=True)
-        cache = output.past_key_values
+        cache = output_cache(output)
         assert isinstance(cache, HybridCache)
         logits = [output.logits]
         length = prefill["input_ids"].shape[1]
@@ -99,7 +99,7 @@ def test_prefill_then_decoding_equals_one_full_forward(teacher, name, padded_bat
                 input_ids=inputs["input_ids"][:, position : position + 1],
                 attention_mask=inputs["attention_mask"][:, : position + 1],
                 position_ids=positions[:, :, position : position + 1],
-                past_key_values=cache,
+                **cache_keyword(cache),
                 use_cache=True,
             )
             logits.append(output.logits)
@@ -139,7 +139,7 @@ def test_linear_state_does_not_grow_with_the_sequence(teacher):
     for frames in (2, 8):
         inputs = batch_inputs([video_sample(frames=frames)])
         with torch.no_grad():
-            cache = student(**inputs, use_cache=True).past_key_values
+            cache = output_cache(student(**inputs, use_cache=True))
         sizes.append(cache.state_bytes())
     assert sizes[0] == sizes[1]
     assert sizes[0]["linear_states"] > 0 and sizes[0]["attention_kv"] == 0

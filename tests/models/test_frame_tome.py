@@ -8,6 +8,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 import linvid
 from linvid.eval.prompts import render_video_prompt, video_messages
+from linvid.models.cache import cache_keyword
 from linvid.models.frame_tome import (
     append_text_positions,
     compressed_video_inputs,
@@ -283,13 +284,13 @@ def test_student_prefill_then_decode_equals_full_forward(models, tokenizer, vide
             use_cache=False,
         ).logits
         cache = student.make_cache()
-        steps = [student(**inputs, past_key_values=cache, use_cache=True).logits[:, -1]]
+        steps = [student(**inputs, **cache_keyword(cache), use_cache=True).logits[:, -1]]
         for index in range(3):
             steps.append(
                 student(
                     input_ids=answer[:, index : index + 1],
                     position_ids=positions[..., length + index : length + index + 1],
-                    past_key_values=cache,
+                    **cache_keyword(cache),
                     use_cache=True,
                 ).logits[:, -1]
             )

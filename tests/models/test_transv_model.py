@@ -10,6 +10,7 @@ from qwen_inputs import batch_inputs, video_sample
 from transformers import AutoModelForImageTextToText, Qwen2_5_VLForConditionalGeneration
 
 import linvid
+from linvid.models.cache import cache_keyword, output_cache
 from linvid.models.plan import ConversionPlan
 from linvid.models.tiny import VIDEO_TOKEN, tiny_qwen2_5_vl_config
 from linvid.models.transv import TransVPoint, apply_transv, paper_schedule
@@ -112,7 +113,7 @@ def test_attention_mode_keeps_the_vision_tokens_the_layer_attends_to_most(teache
     expected = vision[scores.topk(16).indices.sort().values]
     model = with_transv(teacher4, [{"layer": 1, "drop": 0.5, "mode": "attention"}])
     with torch.no_grad():
-        kept = model(**inputs, use_cache=True).past_key_values.transv_kept[1][0]
+        kept = output_cache(model(**inputs, use_cache=True)).transv_kept[1][0]
     assert kept[torch.isin(kept, vision)].tolist() == expected.tolist()
 
 
@@ -134,7 +135,7 @@ def test_prefill_then_decoding_equals_one_full_forward(teacher4, kind, padded):
         prefill[key] = inputs[key][:, :prompt]
     with torch.no_grad():
         output = model(**prefill, use_cache=True)
-        cache = output.past_key_values
+        cache = output_cache(output)
         assert sorted(cache.transv_kept) == [1, 3]
         logits = [output.logits]
         for position in range(prompt, prompt + DECODE_STEPS):
@@ -142,7 +143,7 @@ def test_prefill_then_decoding_equals_one_full_forward(teacher4, kind, padded):
                 input_ids=inputs["input_ids"][:, position : position + 1],
                 attention_mask=inputs["attention_mask"][:, : position + 1],
                 position_ids=positions[:, :, position : position + 1],
-                past_key_values=cache,
+                **cache_keyword(cache),
                 use_cache=True,
             )
             logits.append(output.logits)
