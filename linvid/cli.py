@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("question", help="the question")
     ask.add_argument("--model", required=True, help="local model directory (with tokenizer)")
     ask.add_argument("--fps", type=float, default=1.0, help="frames sampled per second")
+    ask.add_argument(
+        "--sampling",
+        choices=("qwen", "timestamps"),
+        default="qwen",
+        help="qwen: qwen-vl-utils' frames and sizes, what Qwen2.5-VL was trained with "
+        "(default); timestamps: linvid's nearest frame to each planned time",
+    )
     ask.add_argument("--num-frames", type=int, help="sample exactly this many frames instead")
     ask.add_argument("--max-frames", type=int, help="cap on sampled frames")
     ask.add_argument("--max-pixels", type=int, default=768 * 28 * 28, help="per frame")
@@ -279,6 +286,7 @@ def run_ask(arguments: argparse.Namespace) -> int:
         stream=stream,
         chunk_frames=arguments.chunk_frames,
         tokens_per_frame=arguments.tokens_per_frame,
+        sampling=arguments.sampling,
         progress=not arguments.json,
     )
     if arguments.json:

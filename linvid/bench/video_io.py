@@ -86,7 +86,9 @@ def measure_load(path: str, fps: float, max_pixels: int | None) -> dict:
 
     baseline = _resident_bytes() or peak_bytes()
     start = time.perf_counter()
-    frames, meta = load_video(path, fps=fps, max_pixels=max_pixels)
+    # linvid's time-based plan: one frame per 1/fps s for the whole hour (Qwen's sampling would
+    # cap the count at 768), which is the harder case for memory.
+    frames, meta = load_video(path, sampling="timestamps", fps=fps, max_pixels=max_pixels)
     seconds = time.perf_counter() - start
     return {
         "baseline_rss_bytes": baseline,

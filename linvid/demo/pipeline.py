@@ -252,11 +252,13 @@ def evaluate_model(model, tokenizer, settings: InferenceSettings, config: DemoCo
     """Held-out records at every evaluation length: one per question, correct under VNBench's
     circular rule (the options scored in all 4 rotations)."""
     from linvid.eval.options import AnswerEncoder, evaluate
-    from linvid.niah.generate import prompt_text
+    from linvid.niah.generate import FRAMES_PER_SECOND, prompt_text
     from linvid.niah.scoring import depth_bin
     from linvid.niah.teacher import held_out_samples
 
-    encoder = AnswerEncoder(tokenizer, model.config, style=settings.prompt_style)
+    encoder = AnswerEncoder(
+        tokenizer, model.config, style=settings.prompt_style, sample_fps=FRAMES_PER_SECOND
+    )
     prepare = StudentView(settings)
     records = []
     for frames, per_task in zip(config.eval_frames, config.eval_per_task, strict=True):

@@ -47,7 +47,8 @@ from linvid.models.qwen_video import (
     video_to_patches,
     video_token_count,
 )
-from linvid.video.io import VideoError, load_video
+from linvid.video.io import VideoError, load_video, probe_video, sampling_plan
+from linvid.video.qwen_sampling import second_per_grid
 
 VIDEO_MARKER = "<video>"
 ROLES = ("human", "gpt")
@@ -59,6 +60,7 @@ MODEL_INPUT_KEYS = (
     "labels",
     "mm_token_type_ids",
     "video_grid_thw",
+    "second_per_grid_ts",
 )
 
 
@@ -157,10 +159,13 @@ class VideoConversationDataset(torch.utils.data.Dataset):
     assistant answers and the end-of-turn token closing each, mm_token_type_ids (L,) = 2 on
     video tokens else 0, pixel_values_videos (P, C) float32 (None when `feature_cache`
     already holds this video's features, which then skips decoding), video_grid_thw (1, 3),
-    video_key (the cache key), sample_index; or a SkippedSample (see the module docstring).
+    second_per_grid_ts (1,) (seconds per temporal patch of the sampled video, as Qwen's
+    processor gives it), video_key (the cache key), sample_index; or a SkippedSample (see the
+    module docstring).
 
-    Sampling: fps (1.0 unless num_frames is given) / num_frames / max_frames as in
-    `linvid.video.io.load_video`; min_pixels / max_pixels bound each frame's area as in
+    Sampling: sampling ("qwen", qwen-vl-utils' frames and sizes, or "timestamps"), fps (1.0
+    unless num_frames is given) / num_frames / max_frames as in `linvid.video.io.load_video`;
+    min_pixels / max_pixels bound each frame's area as in `load_video` and
     `video_to_patches`; pixel_statistics: the model's (mean, std) (`pixel_statistics(config)`,
     default CLIP's). style: "standard" (video, then the question's text) or "sandwich"
     (question, video, question; paper 001 §3.2.3) for the turn holding the video.
@@ -184,6 +189,7 @@ class VideoConversationDataset(torch.utils.data.Dataset):
         fail_on_bad_samples: bool = False,
         feature_cache: VisionFeatureCache | None = None,
         pixel_statistics: tuple | None = None,
+        sampling: str = "qwen",
     ):
         if style not in PROMPT_STYLES:
             raise ValueError(f"unknown prompt style {style!r}; expected one of {PROMPT_STYLES}")
@@ -196,7 +202,12 @@ class VideoConversationDataset(torch.utils.data.Dataset):
             raise ValueError(f"give fps or num_frames, not both; got {fps!r} and {num_frames!r}")
         if fps is None and num_frames is None:
             fps = 1.0
-        self.sampling = {"fps": fps, "num_frames": num_frames, "max_frames": max_frames}
+        self.sampling = {
+            "sampling": sampling,
+            "fps": fps,
+            "num_frames": num_frames,
+            "max_frames": max_frames,
+        }
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.max_sequence_length = max_sequence_length
         self.style = style
@@ -277,8 +288,12 @@ class VideoConversationDataset(torch.utils.data.Dataset):
         cached = self.feature_cache.grid(key) if self.feature_cache is not None else None
         if cached is not None:
             grid = cached
+            # The plan alone (container metadata, nothing decoded) gives the sampled rate.
+            plan = sampling_plan(probe_video(sample.video), **self._load_options())
+            frames_per_second = plan.sample_fps
         else:
-            frames, _ = load_video(sample.video, **self.sampling, max_pixels=self.max_pixels)
+            frames, meta = load_video(sample.video, **self._load_options())
+            frames_per_second = meta["sample_fps"]
             pixels, grid = video_to_patches(
                 frames,
                 self.vision_config,
@@ -287,6 +302,7 @@ class VideoConversationDataset(torch.utils.data.Dataset):
                 mean=self.pixel_mean,
                 std=self.pixel_std,
             )
+        seconds = second_per_grid(frames_per_second, self.vision_config.temporal_patch_size)
         count = video_token_count(grid, self.vision_config.spatial_merge_size)
         input_ids, labels = self._tokenize(sample, count)
         ids = torch.tensor(input_ids)
@@ -296,9 +312,14 @@ class VideoConversationDataset(torch.utils.data.Dataset):
             "mm_token_type_ids": (ids == self.video_token_id).long() * 2,
             "pixel_values_videos": pixels,
             "video_grid_thw": grid.reshape(1, 3).long(),
+            "second_per_grid_ts": torch.tensor([seconds]),
             "video_key": key,
             "sample_index": index,
         }
+
+    def _load_options(self) -> dict:
+        """`load_video` arguments: the sampling and the per-frame pixel bounds."""
+        return {**self.sampling, "min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
 
     def _messages(self, sample: Sample) -> list[dict]:
         """Chat messages of the whole conversation, the marker replaced by a video part."""
@@ -404,7 +425,8 @@ def collate(batch: Sequence, pad_token_id: int) -> dict:
     listed under "skipped" as (index, reason).
 
     Returns input_ids, attention_mask, labels (padded with IGNORE_INDEX), mm_token_type_ids
-    (padded with 0), all (B, L); video_grid_thw (B, 3) in batch order; pixel_values_videos
+    (padded with 0), all (B, L); video_grid_thw (B, 3) and second_per_grid_ts (B,) in batch
+    order; pixel_values_videos
     (sum of P, C): the rows of the samples in batch order whose pixels were loaded (absent if
     none were); has_pixels (B,) bool; video_keys; sample_index (B,); skipped.
     """
@@ -428,6 +450,7 @@ def collate(batch: Sequence, pad_token_id: int) -> dict:
         "labels": pad("labels", IGNORE_INDEX),
         "mm_token_type_ids": pad("mm_token_type_ids", 0),
         "video_grid_thw": torch.cat([item["video_grid_thw"] for item in items]),
+        "second_per_grid_ts": torch.cat([item["second_per_grid_ts"] for item in items]),
         "has_pixels": torch.tensor([item["pixel_values_videos"] is not None for item in items]),
         "video_keys": [item["video_key"] for item in items],
         "sample_index": torch.tensor([item["sample_index"] for item in items]),

@@ -297,6 +297,7 @@ def teacher_decode_batch(teacher, batch, decodes: dict, dataset) -> dict:
                 mm_token_type_ids=inputs["mm_token_type_ids"][i, :prompt_length][None],
                 pixel_values_videos=inputs["pixel_values_videos"][starts[i] : starts[i] + rows[i]],
                 video_grid_thw=inputs["video_grid_thw"][i : i + 1],
+                second_per_grid_ts=inputs["second_per_grid_ts"][i : i + 1],
                 max_new_tokens=max(SEQUENCE_MIN_NEW_TOKENS, len(answer)),
                 do_sample=False,
                 # A placeholder in the answer would ask for a video that is not there.
@@ -328,6 +329,7 @@ def teacher_decode_batch(teacher, batch, decodes: dict, dataset) -> dict:
         "labels": pad(labels, IGNORE_INDEX),
         "mm_token_type_ids": pad(types, 0),
         "video_grid_thw": inputs["video_grid_thw"],
+        "second_per_grid_ts": inputs["second_per_grid_ts"],
         "pixel_values_videos": inputs["pixel_values_videos"],
     }
 

@@ -15,18 +15,20 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from transformers import GenerationConfig
 
 from linvid.eval.prompts import VIDEO_PLACEHOLDER, render_video_prompt, video_messages
 from linvid.models.cache import cache_keyword
 from linvid.models.qwen2_5_vl import LinvidQwen2_5_VLForConditionalGeneration
 from linvid.models.qwen_video import (
+    FRAME_LIST_FPS,
     MAX_PIXELS,
     MIN_PIXELS,
-    pixel_statistics,
-    video_to_patches,
+    video_inputs,
     video_token_count,
 )
 
@@ -66,6 +68,8 @@ def ask(
     min_pixels: int = MIN_PIXELS,
     max_pixels: int = MAX_PIXELS,
     tokens_per_frame: int | None = None,
+    sample_fps: float = FRAME_LIST_FPS,
+    processor=None,
 ) -> Answer:
     """Greedy answer of `model` to `question` about a video.
 
@@ -74,6 +78,11 @@ def ask(
     or "sandwich" (paper 001 §3.2.3). stream: None picks streaming when the model can
     (`can_stream`); True requires it. tokens_per_frame: merge each frame's vision tokens
     down to this many after the vision tower (ToMe, paper 002 §3.1; whole-video mode only).
+    sample_fps: frames per second of `frames` (qwen-vl-utils' `sample_fps`; the video tokens'
+    temporal positions follow second_per_grid_ts = temporal_patch_size / sample_fps, as with
+    Qwen's processor). processor: a checkpoint's Qwen2.5-VL processor: its chat template and
+    video processor make the inputs (else linvid's `video_inputs`, the same computation).
+    Decoding is greedy on every path (`greedy_generation`).
     """
     stream = can_stream(model) if stream is None else stream
     if stream and not can_stream(model):
@@ -83,80 +92,176 @@ def ask(
         )
     if stream and tokens_per_frame is not None:
         raise ValueError("tokens_per_frame (per-frame ToMe) needs the whole video: stream=False")
+    if not sample_fps > 0:
+        raise ValueError(f"sample_fps must be > 0 (frames per second), got {sample_fps!r}")
+    encoder = VideoPromptEncoder(
+        model, tokenizer, processor, min_pixels=min_pixels, max_pixels=max_pixels
+    )
     if stream:
         chunks = [frames] if isinstance(frames, torch.Tensor) else frames
-        return _ask_streaming(
-            model, tokenizer, chunks, question, style, max_new_tokens, min_pixels, max_pixels
-        )
+        return _ask_streaming(model, encoder, chunks, question, style, max_new_tokens, sample_fps)
     if not isinstance(frames, torch.Tensor):
         frames = torch.cat(list(frames))
     return _ask_whole(
-        model,
-        tokenizer,
-        frames,
-        question,
-        style,
-        max_new_tokens,
-        min_pixels,
-        max_pixels,
-        tokens_per_frame,
+        model, encoder, frames, question, style, max_new_tokens, tokens_per_frame, sample_fps
     )
 
 
-def _ask_whole(
-    model,
-    tokenizer,
-    frames,
-    question,
-    style,
-    max_new_tokens,
-    min_pixels,
-    max_pixels,
-    tokens_per_frame,
-):
+class VideoPromptEncoder:
+    """Model inputs for a question about one video: with a checkpoint's processor (its chat
+    template, tokenizer and video processor, called as a Qwen2.5-VL user calls them), else
+    with the tokenizer and linvid's `video_inputs` (the same pixels, grid and
+    second_per_grid_ts; tests/eval check the two against each other)."""
+
+    def __init__(self, model, tokenizer, processor=None, *, min_pixels, max_pixels):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer if processor is not None else tokenizer
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+
+    def prompt_ids(self, question: str, style: str, video_tokens: int) -> list[int]:
+        """The chat prompt's ids with the video placeholder expanded to `video_tokens`."""
+        return render_video_prompt(
+            self.tokenizer, video_messages(question, style=style), video_tokens
+        )
+
+    def video(self, frames: torch.Tensor, sample_fps: float) -> dict:
+        """pixel_values_videos (P, C), video_grid_thw (1, 3) and second_per_grid_ts (1,) of
+        (T, 3, H, W) frames shown at `sample_fps` frames per second."""
+        if self.processor is None:
+            return video_inputs(
+                frames,
+                self.model.config,
+                sample_fps=sample_fps,
+                min_pixels=self.min_pixels,
+                max_pixels=self.max_pixels,
+            )
+        processed = self.processor.video_processor(
+            videos=[frames],
+            video_metadata=[frame_list_metadata(frames.shape[0], sample_fps)],
+            do_sample_frames=False,
+            size={"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
+            return_tensors="pt",
+        )
+        temporal = self.model.config.vision_config.temporal_patch_size
+        return {
+            "pixel_values_videos": processed["pixel_values_videos"],
+            "video_grid_thw": processed["video_grid_thw"],
+            "second_per_grid_ts": torch.tensor([temporal / sample_fps]),
+        }
+
+    def whole(self, frames: torch.Tensor, question: str, style: str, sample_fps: float) -> dict:
+        """generate() inputs (batch of 1) for the whole video."""
+        if self.processor is not None:
+            text = self.processor.apply_chat_template(
+                video_messages(question, style=style), add_generation_prompt=True, tokenize=False
+            )
+            inputs = dict(
+                self.processor(
+                    text=[text],
+                    videos=[frames],
+                    video_metadata=[frame_list_metadata(frames.shape[0], sample_fps)],
+                    do_sample_frames=False,
+                    videos_kwargs={
+                        "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
+                    },
+                    return_tensors="pt",
+                )
+            )
+        else:
+            inputs = self.video(frames, sample_fps)
+            count = video_token_count(
+                inputs["video_grid_thw"], self.model.config.vision_config.spatial_merge_size
+            )
+            input_ids = torch.tensor([self.prompt_ids(question, style, count)])
+            inputs.update(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                mm_token_type_ids=(input_ids == self.model.config.video_token_id).int() * 2,
+            )
+        return {
+            key: value.to(self.model.device, self.model.dtype)
+            if key == "pixel_values_videos"
+            else value.to(self.model.device)
+            for key, value in inputs.items()
+        }
+
+
+def frame_list_metadata(count: int, sample_fps: float) -> dict:
+    """transformers' VideoMetadata for `count` frames already sampled at `sample_fps`: its
+    `sampled_fps` (what Qwen's processor turns into second_per_grid_ts) is sample_fps; without
+    it the processor assumes 24 fps."""
+    return {
+        "total_num_frames": count,
+        "fps": float(sample_fps),
+        "frames_indices": list(range(count)),
+    }
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The ids that end an answer: the checkpoint's generation_config eos ids (Qwen2.5-VL
+    lists <|im_end|> and <|endoftext|>) and the tokenizer's eos."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is None:
+        configured = []
+    ids = list(configured) if isinstance(configured, list | tuple) else [configured]
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return list(dict.fromkeys(int(token) for token in ids))
+
+
+@contextmanager
+def greedy_generation(model, tokenizer):
+    """Within: `model.generate()` is plain greedy decoding, the argmax at every step, whatever
+    the checkpoint's generation_config says (Qwen2.5-VL's asks for sampling with
+    repetition_penalty 1.05): generate() fills every option the caller leaves unset from
+    model.generation_config, so that config is swapped for one holding only the special
+    token ids. The streamed path's own loop is the same argmax."""
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(
+        eos_token_id=stop_token_ids(model, tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=getattr(saved, "bos_token_id", None),
+    )
+    try:
+        yield model.generation_config
+    finally:
+        model.generation_config = saved
+
+
+def _ask_whole(model, encoder, frames, question, style, max_new_tokens, tokens_per_frame, fps):
     started = time.perf_counter()
     config = model.config
-    statistics = dict(zip(("mean", "std"), pixel_statistics(config), strict=True))
-    pixels, grid = video_to_patches(
-        frames, config.vision_config, min_pixels=min_pixels, max_pixels=max_pixels, **statistics
-    )
+    tokenizer = encoder.tokenizer
     if tokens_per_frame is None:
-        video_tokens = video_token_count(grid, config.vision_config.spatial_merge_size)
-        ids = render_video_prompt(tokenizer, video_messages(question, style=style), video_tokens)
-        input_ids = torch.tensor([ids], device=model.device)
-        inputs = {
-            "input_ids": input_ids,
-            "attention_mask": torch.ones_like(input_ids),
-            "pixel_values_videos": pixels.to(model.device, model.dtype),
-            "video_grid_thw": grid.to(model.device),
-            "mm_token_type_ids": (input_ids == config.video_token_id).int() * 2,
-        }
+        inputs = encoder.whole(frames, question, style, fps)
+        input_ids = inputs["input_ids"]
+        video_tokens = int((input_ids == config.video_token_id).sum())
     else:
         from linvid.models.frame_tome import compressed_video_inputs
 
+        video = encoder.video(frames, fps)
         with torch.no_grad():
             inputs, merged = compressed_video_inputs(
                 model,
                 tokenizer,
-                pixels.to(model.device, model.dtype),
-                grid.to(model.device),
+                video["pixel_values_videos"].to(model.device, model.dtype),
+                video["video_grid_thw"].to(model.device),
                 question,
                 tokens_per_frame=tokens_per_frame,
                 style=style,
+                second_per_grid=float(video["second_per_grid_ts"][0]),
             )
         input_ids = inputs["input_ids"]
         video_tokens = merged.num_tokens
     prepared = time.perf_counter()
-    with torch.no_grad():
-        output = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    with torch.no_grad(), greedy_generation(model, tokenizer):
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     finished = time.perf_counter()
     new_tokens = output[0, input_ids.shape[1] :].tolist()
+    stops = set(stop_token_ids(model, tokenizer))
+    while new_tokens and new_tokens[-1] in stops:
+        new_tokens.pop()
     return Answer(
         text=tokenizer.decode(new_tokens, skip_special_tokens=True).strip(),
         new_tokens=new_tokens,
@@ -170,73 +275,122 @@ def _ask_whole(
     )
 
 
-def _prompt_pieces(tokenizer, question, style) -> tuple[list[int], list[int]]:
+def _prompt_pieces(encoder, question, style) -> tuple[list[int], list[int]]:
     """Token ids before and after the video placeholder of the chat prompt."""
-    ids = render_video_prompt(tokenizer, video_messages(question, style=style), 1)
-    video_id = tokenizer.convert_tokens_to_ids(VIDEO_PLACEHOLDER)
+    ids = encoder.prompt_ids(question, style, 1)
+    video_id = encoder.tokenizer.convert_tokens_to_ids(VIDEO_PLACEHOLDER)
     split = ids.index(video_id)
     return ids[:split], ids[split + 1 :]
 
 
-def _ask_streaming(
-    model,
-    tokenizer,
-    chunks: Iterable[torch.Tensor],
-    question,
-    style,
-    max_new_tokens,
-    min_pixels,
-    max_pixels,
-):
+def streaming_inputs(
+    model, encoder, chunks: Iterable[torch.Tensor], question: str, style: str, sample_fps: float
+) -> Iterator[dict]:
+    """The forward calls of a streamed prefill, in order: the prompt before the video, one
+    call per chunk of frames, the prompt after it. Together they hold exactly the whole
+    video's inputs: each chunk's pixel rows are the next rows of the whole video's
+    pixel_values_videos (frames are resized and normalised one by one, and patches are laid
+    out frame pair by frame pair), its grid is (chunk pairs, h, w), and position_ids are the
+    whole prompt's M-RoPE positions (the model's own get_rope_index on the prompt so far, so
+    a chunk's positions are those the whole video gets). Each dict holds input_ids (1, L),
+    position_ids (3, 1, L), and for chunks pixel_values_videos, video_grid_thw (1, 3),
+    second_per_grid_ts (1,) and mm_token_type_ids (1, L)."""
     config = model.config
-    statistics = dict(zip(("mean", "std"), pixel_statistics(config), strict=True))
-    device = model.device
-    before, after = _prompt_pieces(tokenizer, question, style)
-    cache = model.make_cache()
-    seconds = {"vision_and_prefill": 0.0}
-    counts = {"frames": 0, "video_tokens": 0, "prompt_tokens": len(before) + len(after)}
+    merge = config.vision_config.spatial_merge_size
+    before, after = _prompt_pieces(encoder, question, style)
+    grid = None  # (t so far, h, w) of the video
+    seconds = None
+    sent = 0
 
-    def step(**inputs):
+    def positions(ids: list[int]) -> torch.Tensor:
+        """(3, 1, len(ids)) M-RoPE positions of the whole prompt `ids` (the video so far)."""
+        input_ids = torch.tensor([ids])
+        types = (input_ids == config.video_token_id).int() * 2
+        if grid is None:
+            return torch.arange(len(ids)).view(1, 1, -1).expand(3, 1, -1)
+        position_ids, _ = model.model.get_rope_index(
+            input_ids,
+            mm_token_type_ids=types,
+            video_grid_thw=torch.tensor([grid]),
+            second_per_grid_ts=seconds,
+        )
+        return position_ids
+
+    def call(ids: list[int], **extra) -> dict:
+        nonlocal sent
+        position_ids = positions(prompt)[..., sent : len(prompt)]
+        sent = len(prompt)
+        return {"input_ids": torch.tensor([ids]), "position_ids": position_ids, **extra}
+
+    prompt = list(before)
+    yield call(before)
+    for chunk in _as_chunks(chunks):
+        video = encoder.video(chunk, sample_fps)
+        t, h, w = video["video_grid_thw"].reshape(-1).tolist()
+        if grid is not None and (h, w) != tuple(grid[1:]):
+            raise ValueError(
+                f"every chunk must have the same frame size; got grid {h}x{w} after {grid[1]}x"
+                f"{grid[2]} (frames of one video are resized to one size)"
+            )
+        grid = [t + (grid[0] if grid else 0), h, w]
+        seconds = video["second_per_grid_ts"]
+        count = video_token_count(video["video_grid_thw"], merge)
+        ids = [config.video_token_id] * count
+        prompt.extend(ids)
+        yield call(ids, mm_token_type_ids=torch.full((1, count), 2), **video)
+    prompt.extend(after)
+    yield call(after)
+
+
+def _ask_streaming(model, encoder, chunks, question, style, max_new_tokens, sample_fps):
+    device = model.device
+    tokenizer = encoder.tokenizer
+    cache = model.make_cache()
+    counts = {"frames": 0, "video_tokens": 0, "prompt_tokens": 0}
+
+    def step(inputs: dict) -> torch.Tensor:
+        inputs = {
+            key: value.to(device, model.dtype)
+            if key == "pixel_values_videos"
+            else value.to(device)
+            for key, value in inputs.items()
+        }
         with torch.no_grad():
             return model(**inputs, **cache_keyword(cache), use_cache=True).logits[:, -1]
 
-    def tokens(ids):
-        return torch.tensor([ids], device=device)
+    def counted(chunks):
+        for chunk in chunks:
+            counts["frames"] += chunk.shape[0]
+            yield chunk
 
     started = time.perf_counter()
-    step(input_ids=tokens(before))
-    for chunk in _as_chunks(chunks):
-        pixels, grid = video_to_patches(
-            chunk, config.vision_config, min_pixels=min_pixels, max_pixels=max_pixels, **statistics
-        )
-        count = video_token_count(grid, config.vision_config.spatial_merge_size)
-        input_ids = tokens([config.video_token_id] * count)
-        step(
-            input_ids=input_ids,
-            pixel_values_videos=pixels.to(device, model.dtype),
-            video_grid_thw=grid.to(device),
-            mm_token_type_ids=torch.full_like(input_ids, 2),
-        )
-        counts["frames"] += chunk.shape[0]
-        counts["video_tokens"] += count
-    logits = step(input_ids=tokens(after))
+    calls = streaming_inputs(model, encoder, counted(chunks), question, style, sample_fps)
+    for inputs in calls:
+        logits = step(inputs)
+        counts["prompt_tokens"] += inputs["input_ids"].shape[1]
+        if "video_grid_thw" in inputs:
+            counts["video_tokens"] += inputs["input_ids"].shape[1]
+        last_position = int(inputs["position_ids"].max())
     prefilled = time.perf_counter()
-    seconds["vision_and_prefill"] = prefilled - started
 
+    # Decoded tokens continue after the largest position so far, as generate() places them.
+    stops = set(stop_token_ids(model, tokenizer))
     new_tokens = []
-    for _ in range(max_new_tokens):
+    for index in range(max_new_tokens):
         token = int(logits.argmax(-1))
-        if token == tokenizer.eos_token_id:
+        if token in stops:
             break
         new_tokens.append(token)
-        logits = step(input_ids=tokens([token]))
-    seconds["decode"] = time.perf_counter() - prefilled
+        position = torch.full((3, 1, 1), last_position + 1 + index)
+        logits = step({"input_ids": torch.tensor([[token]]), "position_ids": position})
     counts["new_tokens"] = len(new_tokens)
-    counts["prompt_tokens"] += counts["video_tokens"]
     return Answer(
         text=tokenizer.decode(new_tokens, skip_special_tokens=True).strip(),
         new_tokens=new_tokens,
-        seconds=seconds,
+        seconds={
+            "vision_and_prefill": prefilled - started,
+            "decode": time.perf_counter() - prefilled,
+        },
         counts=counts,
         streamed=True,
     )
@@ -272,6 +426,23 @@ def default_style(model) -> str:
     return "standard"
 
 
+def load_processor(model_dir: str):
+    """The Qwen2.5-VL processor a model directory ships (preprocessor / video processor /
+    processor config beside the weights, as real checkpoints have), or None: then the
+    tokenizer and linvid's `video_inputs` make the same inputs."""
+    from pathlib import Path
+
+    from transformers import AutoProcessor
+
+    names = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
+    if not any((Path(model_dir) / name).is_file() for name in names):
+        return None
+    processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    if getattr(processor, "video_processor", None) is None:
+        return None
+    return processor
+
+
 def ask_video_file(
     model_dir: str,
     video: str,
@@ -287,38 +458,54 @@ def ask_video_file(
     stream: bool | None = None,
     chunk_frames: int = 32,
     tokens_per_frame: int | None = None,
+    sampling: str = "qwen",
     progress: bool = False,
 ) -> tuple[Answer, dict]:
-    """Load a local model directory and its tokenizer, sample `video`, answer `question`.
+    """Load a local model directory (and its processor or tokenizer), sample `video`, answer
+    `question`.
 
+    Frames are sampled and sized as qwen-vl-utils does (sampling "qwen": the frames, grid and
+    second_per_grid_ts Qwen2.5-VL's own pipeline gives), or with linvid's "timestamps" plan.
     Streaming students read the video frame by frame in chunks of `chunk_frames` (rounded up
     to the temporal patch); other models load the sampled frames at once. Returns the Answer
-    and a description of the run (model class, frames, streaming)."""
+    and a description of the run (model class, frames, streaming, processor)."""
     from transformers import AutoTokenizer
 
     from linvid.models.convert import load
-    from linvid.video.io import iter_video_frames, load_video
+    from linvid.video.io import iter_video_frames, load_video, probe_video, sampling_plan
 
     started = time.perf_counter()
     model = load(model_dir, local_files_only=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    processor = load_processor(model_dir)
+    tokenizer = (
+        processor.tokenizer
+        if processor is not None
+        else AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    )
     loaded = time.perf_counter()
     style = default_style(model) if style == "auto" else style
     if stream is None:
         stream = can_stream(model) and tokens_per_frame is None
-    sampling = {"fps": fps, "num_frames": num_frames, "max_frames": max_frames}
+    sampling_options = {
+        "fps": fps,
+        "num_frames": num_frames,
+        "max_frames": max_frames,
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
+        "sampling": sampling,
+    }
+    plan = sampling_plan(probe_video(video), **sampling_options)
     if stream:
         temporal = model.config.vision_config.temporal_patch_size
         chunk_frames = -(-chunk_frames // temporal) * temporal
-        frames = frame_chunks(
-            iter_video_frames(video, **sampling, max_pixels=max_pixels), chunk_frames
-        )
+        frames = frame_chunks(iter_video_frames(video, **sampling_options), chunk_frames)
         if progress:
             from tqdm import tqdm
 
-            frames = tqdm(frames, desc="prefill", unit="chunk", file=sys.stderr)
+            total = -(-len(plan.times) // chunk_frames)
+            frames = tqdm(frames, desc="prefill", unit="chunk", total=total, file=sys.stderr)
     else:
-        frames, _ = load_video(video, **sampling, max_pixels=max_pixels)
+        frames, _ = load_video(video, **sampling_options)
     answer = ask(
         model,
         tokenizer,
@@ -330,8 +517,17 @@ def ask_video_file(
         min_pixels=min_pixels,
         max_pixels=max_pixels,
         tokens_per_frame=tokens_per_frame,
+        sample_fps=plan.sample_fps,
+        processor=processor,
     )
     answer.seconds["load_model"] = loaded - started
     answer.seconds["total"] = time.perf_counter() - started
-    run = {"model": type(model).__name__, "style": style, "streamed": answer.streamed}
+    run = {
+        "model": type(model).__name__,
+        "style": style,
+        "streamed": answer.streamed,
+        "processor": type(processor).__name__ if processor is not None else None,
+        "sampling": sampling,
+        "sample_fps": plan.sample_fps,
+    }
     return answer, run

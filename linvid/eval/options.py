@@ -23,11 +23,11 @@ import torch
 
 from linvid.distill.data import END_OF_TURN, IGNORE_INDEX, collate, model_inputs
 from linvid.eval.prompts import VIDEO_PLACEHOLDER, render_video_prompt, video_messages
-from linvid.models.qwen_video import pixel_statistics, video_to_patches, video_token_count
+from linvid.models.qwen_video import FRAME_LIST_FPS, video_inputs, video_token_count
 
 
 def frames_tensor(frames) -> torch.Tensor:
-    """(T, H, W, 3) uint8 frames (numpy or torch) as the (T, 3, H, W) tensor video_to_patches
+    """(T, H, W, 3) uint8 frames (numpy or torch) as the (T, 3, H, W) tensor video_inputs
     takes."""
     video = (
         torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
@@ -43,29 +43,40 @@ class AnswerEncoder:
 
     resize: False keeps the frames' own size (it must be a multiple of patch * merge, e.g. 56);
     True resizes as Qwen2-VL's processor does. Pixel statistics come from the config
-    (`pixel_statistics`)."""
+    (`pixel_statistics`). sample_fps: frames per second of the videos given (their
+    second_per_grid_ts is temporal_patch_size / sample_fps, as Qwen's processor computes it);
+    by default qwen-vl-utils' rate for a list of frames (FRAME_LIST_FPS)."""
 
-    def __init__(self, tokenizer, config, *, style: str = "standard", resize: bool = False):
+    def __init__(
+        self,
+        tokenizer,
+        config,
+        *,
+        style: str = "standard",
+        resize: bool = False,
+        sample_fps: float = FRAME_LIST_FPS,
+    ):
         self.tokenizer = tokenizer
+        self.config = config
         self.vision_config = config.vision_config
-        self.mean, self.std = pixel_statistics(config)
         self.style = style
         self.resize = resize
+        self.sample_fps = sample_fps
         self.video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_PLACEHOLDER)
         self.end_of_turn_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
         self.pad_token_id = tokenizer.pad_token_id
         self._prompts: dict[tuple[str, int], list[int]] = {}
         self._answers: dict[str, list[int]] = {}
 
-    def video(self, frames) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pixel_values_videos, video_grid_thw (1, 3)) of (T, H, W, 3) frames."""
+    def video(self, frames) -> dict:
+        """`video_inputs` of (T, H, W, 3) frames: pixel_values_videos (P, C), video_grid_thw
+        (1, 3) and second_per_grid_ts (1,)."""
         kwargs = {"min_pixels": 0} if self.resize else {}
-        return video_to_patches(
+        return video_inputs(
             frames_tensor(frames),
-            self.vision_config,
+            self.config,
+            sample_fps=self.sample_fps,
             resize=self.resize,
-            mean=self.mean,
-            std=self.std,
             **kwargs,
         )
 
@@ -90,14 +101,15 @@ class AnswerEncoder:
         self,
         prompt: str,
         answer: str,
-        video: tuple[torch.Tensor, torch.Tensor],
+        video: dict,
         *,
         end_of_turn: bool = True,
         index: int = 0,
     ) -> dict:
         """One `collate` item: prompt, then the answer's tokens (labelled) and, with
-        `end_of_turn`, <|im_end|> (labelled too: training stops the turn there)."""
-        pixels, grid = video
+        `end_of_turn`, <|im_end|> (labelled too: training stops the turn there). video: the
+        `video` method's output."""
+        grid = video["video_grid_thw"]
         count = video_token_count(grid, self.vision_config.spatial_merge_size)
         prompt_ids = self.prompt_ids(prompt, count)
         answer_ids = self.answer_ids(answer) + ([self.end_of_turn_id] if end_of_turn else [])
@@ -107,8 +119,9 @@ class AnswerEncoder:
             "input_ids": ids,
             "labels": labels,
             "mm_token_type_ids": (ids == self.video_token_id).long() * 2,
-            "pixel_values_videos": pixels,
+            "pixel_values_videos": video["pixel_values_videos"],
             "video_grid_thw": grid.reshape(1, 3).long(),
+            "second_per_grid_ts": video["second_per_grid_ts"].reshape(1).float(),
             "video_key": "",
             "sample_index": index,
         }

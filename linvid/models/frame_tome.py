@@ -237,7 +237,8 @@ def compressed_video_inputs(
     model: a `Qwen2_5_VLForConditionalGeneration` or a linvid student; pixel_values_videos
     (P, C) and video_grid_thw (1, 3) patch grid, e.g. from `linvid.models.qwen_video.
     video_to_patches`; style "standard" or "sandwich" (paper 001 §3.2.3); second_per_grid:
-    seconds per temporal patch (Qwen's second_per_grid_ts, 1 by default as in transformers).
+    seconds per temporal patch (Qwen's second_per_grid_ts: temporal_patch_size / sampled fps,
+    as the processor gives it; 1 is transformers' default when none is passed).
     Runs the vision tower (under the caller's grad mode), merges, and returns (inputs,
     merged): inputs for `model(**inputs)` and `model.generate(**inputs)` with input_ids and
     attention_mask (1, L), mm_token_type_ids (1, L), position_ids (4, 1, L)
@@ -285,6 +286,7 @@ def compressed_video_inputs(
         "video_grid_thw": torch.tensor(
             [[layout[0], layout[1] * merge_size, layout[2] * merge_size]], device=device
         ),
+        "second_per_grid_ts": torch.tensor([float(second_per_grid)], device=device),
     }
     return inputs, merged
 
@@ -311,8 +313,10 @@ def merged_video_batch(
     `model`'s vision tower (paper 002 §3.1; paper 001's keep ratio, here applied per frame
     after the tower; under the caller's grad mode), merged tokens in ascending size order
     (paper 001 §3.2.2): fewer video placeholders, labels and mm_token_type_ids cut alike,
-    explicit M-RoPE position_ids (4, B, L) (`merged_position_ids`), mm_encoder_outputs and a
-    video_grid_thw of the merged layout. Returns new right-padded inputs with "labels"."""
+    explicit M-RoPE position_ids (4, B, L) (`merged_position_ids`, temporal positions from
+    the inputs' second_per_grid_ts (B,) when present), mm_encoder_outputs and a
+    video_grid_thw of the merged layout. Returns new right-padded inputs with "labels" (and
+    the inputs' second_per_grid_ts)."""
     config = model.config
     merge_size = config.vision_config.spatial_merge_size
     grids = inputs["video_grid_thw"]
@@ -330,12 +334,16 @@ def merged_video_batch(
         vision = model.model.get_video_features(
             inputs["pixel_values_videos"].to(model.dtype), grids, return_dict=True
         )
-    interval = config.vision_config.tokens_per_second  # second_per_grid 1, as in transformers
+    # Seconds per temporal patch of each video (Qwen's second_per_grid_ts); transformers' own
+    # default is 1 when the inputs carry none.
+    seconds = inputs.get("second_per_grid_ts")
+    seconds = [1.0] * grids.shape[0] if seconds is None else seconds.reshape(-1).tolist()
     features, rows = [], {name: [] for name in ("input_ids", "labels", "mm_token_type_ids")}
     positions, layouts = [], []
     for i, (t, height, width) in enumerate(grids.tolist()):
         grid = (t, height // merge_size, width // merge_size)
         budget = tokens_per_frame or max(1, round(keep_ratio * grid[1] * grid[2]))
+        interval = config.vision_config.tokens_per_second * seconds[i]
         merged = merge_video_tokens(vision.pooler_output[i], grid, budget, time_interval=interval)
         length = int(inputs["attention_mask"][i].sum())
         ids = inputs["input_ids"][i, :length]
@@ -370,4 +378,5 @@ def merged_video_batch(
         "position_ids": torch.cat(padded_positions, dim=1),
         "mm_encoder_outputs": {"video": BaseModelOutputWithPooling(pooler_output=tuple(features))},
         "video_grid_thw": torch.tensor(layouts, device=device),
+        "second_per_grid_ts": torch.tensor(seconds, device=device),
     }

@@ -24,7 +24,14 @@ from collections.abc import Sequence
 
 from linvid.bench.models import parse_counts
 from linvid.distill.data import VIDEO_MARKER
-from linvid.niah.generate import TASKS, NeedleSample, make_sample, minimum_frames, prompt_text
+from linvid.niah.generate import (
+    FRAMES_PER_SECOND,
+    TASKS,
+    NeedleSample,
+    make_sample,
+    minimum_frames,
+    prompt_text,
+)
 from linvid.video.io import write_video
 
 SEED_STRIDE = 1_000_000  # sample i of a run with --seed S has seed S * SEED_STRIDE + i
@@ -95,7 +102,7 @@ def write_dataset(
     n: int = 1,
     seed: int = 0,
     size: int = 56,
-    fps: float = 1.0,
+    fps: float = FRAMES_PER_SECOND,
     crf: int = 0,
     progress: bool = False,
 ) -> dict:
@@ -195,7 +202,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="run seed (default: 0)")
     parser.add_argument("--size", type=int, default=56, help="frame side in pixels (default: 56)")
     parser.add_argument(
-        "--fps", type=float, default=1.0, help="frame rate written to the videos (default: 1)"
+        "--fps",
+        type=float,
+        default=FRAMES_PER_SECOND,
+        help="frame rate written to the videos (default: 1)",
     )
     parser.add_argument(
         "--crf", type=int, default=0, help="x264 quality, 0 (lossless, default) .. 51"

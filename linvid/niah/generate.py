@@ -32,6 +32,10 @@ from dataclasses import dataclass
 import numpy as np
 
 TASKS = ("retrieval", "ordering", "counting")
+# A haystack shows one frame per second: `niah generate` writes its videos at this rate, and
+# in-memory samples are fed to models with the second_per_grid_ts of this rate, so a model
+# sees the same temporal positions whether it reads the frames or the written video.
+FRAMES_PER_SECOND = 1.0
 COLOURS = {
     "red": (235, 20, 20),
     "green": (20, 220, 20),

@@ -191,7 +191,7 @@ class TrainingBatches(torch.utils.data.IterableDataset):
     between videos of different lengths)."""
 
     def __init__(self, tokenizer, config, run_seed, weights, frame_counts, size, batch_size, start):
-        self.encoder = AnswerEncoder(tokenizer, config)
+        self.encoder = AnswerEncoder(tokenizer, config, sample_fps=generate.FRAMES_PER_SECOND)
         self.sampler_arguments = (run_seed, weights, size)
         self.frame_counts, self.batch_size, self.start = tuple(frame_counts), batch_size, start
 
@@ -236,7 +236,11 @@ def fingerprint(tokenizer, seed: int, settings: Mapping) -> dict:
         json.dumps(
             {
                 "config": config,
-                "data": {"vocabulary": generate.vocabulary(), "samples": digest.hexdigest()},
+                "data": {
+                    "vocabulary": generate.vocabulary(),
+                    "samples": digest.hexdigest(),
+                    "frames_per_second": generate.FRAMES_PER_SECOND,
+                },
                 "seed": seed,
                 "training": dict(settings),
             },
@@ -371,7 +375,7 @@ def train_teacher(
 def _train(model, tokenizer, metrics_path, seed, settings, goals, log, log_every, data_worker):
     """The training loop; phase 1 at num_frames, then (with long_frames, once phase 1's check
     passes) phase 2 on batches cycling through (num_frames, *long_frames)."""
-    encoder = AnswerEncoder(tokenizer, model.config)
+    encoder = AnswerEncoder(tokenizer, model.config, sample_fps=generate.FRAMES_PER_SECOND)
     size, base = settings["size"], settings["num_frames"]
 
     def batches_of(frame_counts, start):

@@ -144,8 +144,16 @@ def find_scene_cuts(
     height, width = probe_video(path)["size"]
     scale = min(1.0, 2 * thumb_size / max(height, width))
     max_pixels = max(4, math.ceil(height * scale) * math.ceil(width * scale))
+    # linvid's time-based plan: frames at `fps` shrunk to thumbnails (Qwen's sampling would
+    # enlarge them to at least 128 tokens' worth of pixels).
     frames, meta = load_video(
-        path, fps=fps, max_frames=max_frames, start=start, end=end, max_pixels=max_pixels
+        path,
+        sampling="timestamps",
+        fps=fps,
+        max_frames=max_frames,
+        start=start,
+        end=end,
+        max_pixels=max_pixels,
     )
     tokens = pixel_tokens(frames, grid)
     return SceneCuts(

@@ -57,7 +57,8 @@ def test_mp4_round_trip_keeps_needle_colours(tmp_path, size):
     for line in open(summary["vnbench"]):
         record = json.loads(line)
         sample = make_sample(record["type"], 32, record["seed"], size=size)
-        frames, meta = load_video(tmp_path / record["video"], fps=1.0)  # as distill reads
+        pixels = {"min_pixels": size * size, "max_pixels": size * size}  # as the demo reads
+        frames, meta = load_video(tmp_path / record["video"], fps=1.0, **pixels)
         assert meta["frame_indices"] == list(range(32))  # 1 fps: every frame
         frames = frames.permute(0, 2, 3, 1).numpy()
         assert frames.shape == sample.frames.shape

@@ -116,18 +116,19 @@ def test_batch_labels_cover_exactly_the_answer_and_end_of_turn(tokenizer, teache
 def _hand_log_likelihood(model, tokenizer, question, option):
     """log p(option tokens | prompt) from one unpadded sequence, summed by hand."""
     encoder = AnswerEncoder(tokenizer, model.config)
-    pixels, grid = encoder.video(question.frames)
+    video = encoder.video(question.frames)
     prompt = render_video_prompt(tokenizer, video_messages(question.prompt), 32)
     answer = tokenizer(option, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([prompt + answer])
-    video = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    video_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
     with torch.no_grad():
         logits = model(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
-            pixel_values_videos=pixels,
-            video_grid_thw=grid,
-            mm_token_type_ids=(ids == video).long() * 2,
+            pixel_values_videos=video["pixel_values_videos"],
+            video_grid_thw=video["video_grid_thw"],
+            second_per_grid_ts=video["second_per_grid_ts"],
+            mm_token_type_ids=(ids == video_id).long() * 2,
         ).logits[0]
     log_probs = torch.log_softmax(logits.double(), -1)
     return sum(float(log_probs[len(prompt) - 1 + i, token]) for i, token in enumerate(answer))

@@ -46,8 +46,8 @@ def video(tmp_path_factory):
     return str(path)
 
 
-def test_default_loads_every_frame_with_its_metadata(video):
-    frames, meta = load_video(video)
+def test_timestamps_without_fps_or_num_frames_loads_every_frame_with_its_metadata(video):
+    frames, meta = load_video(video, sampling="timestamps")
     assert frames.dtype == torch.uint8 and frames.shape == (FRAMES, 3, HEIGHT, WIDTH)
     assert frame_numbers(frames) == list(range(FRAMES))
     assert meta["frame_indices"] == list(range(FRAMES))
@@ -56,62 +56,67 @@ def test_default_loads_every_frame_with_its_metadata(video):
     assert meta["duration"] == pytest.approx(FRAMES / FPS)
     assert meta["total_frames"] == FRAMES
     assert meta["size"] == (HEIGHT, WIDTH) and meta["backend"] == "pyav"
+    assert meta["sampling"] == "timestamps" and meta["sample_fps"] == meta["fps"]
+    assert meta["second_per_grid"] == pytest.approx(2 / FPS)
 
 
 def test_fps_samples_at_that_rate(video):
-    frames, meta = load_video(video, fps=2)
+    frames, meta = load_video(video, sampling="timestamps", fps=2)
     assert frame_numbers(frames) == meta["frame_indices"] == [0, 12, 24, 36]
     assert meta["timestamps"] == pytest.approx([0.0, 0.5, 1.0, 1.5])
     assert meta["fps"] == 2
 
 
 def test_fps_above_the_source_rate_takes_each_frame_once(video):
-    frames, meta = load_video(video, fps=100)
+    frames, meta = load_video(video, sampling="timestamps", fps=100)
     assert frame_numbers(frames) == list(range(FRAMES))
     assert meta["fps"] == pytest.approx(FPS)
 
 
 def test_num_frames_spreads_uniformly_including_both_ends(video):
-    frames, meta = load_video(video, num_frames=5)
+    frames, meta = load_video(video, sampling="timestamps", num_frames=5)
     assert frame_numbers(frames) == meta["frame_indices"] == [0, 12, 24, 35, 47]
     assert meta["timestamps"] == pytest.approx([i / FPS for i in (0, 12, 24, 35, 47)])
-    assert frame_numbers(load_video(video, num_frames=1)[0]) == [0]
+    assert frame_numbers(load_video(video, sampling="timestamps", num_frames=1)[0]) == [0]
 
 
 def test_num_frames_beyond_the_frame_count_repeats_frames(video):
-    frames, _ = load_video(video, num_frames=2 * FRAMES)
+    frames, _ = load_video(video, sampling="timestamps", num_frames=2 * FRAMES)
     assert frames.shape[0] == 2 * FRAMES
     assert frame_numbers(frames) == [i // 2 for i in range(2 * FRAMES)]
 
 
 def test_max_frames_subsamples_uniformly(video):
-    frames, meta = load_video(video, max_frames=4)
+    frames, meta = load_video(video, sampling="timestamps", max_frames=4)
     assert frame_numbers(frames) == [0, 16, 31, 47]
     assert meta["fps"] == pytest.approx(4 / 2.0)  # samples per second of the span
-    frames, meta = load_video(video, fps=4, max_frames=3)  # 8 planned: 0, 6, ..., 42
+    # 8 planned: 0, 6, ..., 42
+    frames, meta = load_video(video, sampling="timestamps", fps=4, max_frames=3)
     assert frame_numbers(frames) == [0, 24, 42]
 
 
 def test_start_and_end_bound_the_samples(video):
-    frames, meta = load_video(video, fps=2, start=0.5, end=1.5)
+    frames, meta = load_video(video, sampling="timestamps", fps=2, start=0.5, end=1.5)
     assert frame_numbers(frames) == [12, 24]
     assert meta["timestamps"] == pytest.approx([0.5, 1.0])  # from the video's start
-    frames, _ = load_video(video, start=1.0)  # seeks
+    frames, _ = load_video(video, sampling="timestamps", start=1.0)  # seeks
     assert frame_numbers(frames) == list(range(24, FRAMES))
-    frames, _ = load_video(video, num_frames=3, start=0.5, end=1.0)  # frames 12..23
+    # frames 12..23
+    frames, _ = load_video(video, sampling="timestamps", num_frames=3, start=0.5, end=1.0)
     assert frame_numbers(frames) == [12, 18, 23]
-    frames, _ = load_video(video, end=100.0)  # past the end: clipped
+    frames, _ = load_video(video, sampling="timestamps", end=100.0)  # past the end: clipped
     assert frames.shape[0] == FRAMES
 
 
 def test_max_pixels_shrinks_keeping_aspect_and_even_sides(video):
-    frames, meta = load_video(video, fps=2, max_pixels=1000)
+    frames, meta = load_video(video, sampling="timestamps", fps=2, max_pixels=1000)
     height, width = frames.shape[-2:]
     assert height * width <= 1000 and height % 2 == 0 and width % 2 == 0
     assert width / height == pytest.approx(WIDTH / HEIGHT, rel=0.1)
     assert meta["size"] == (height, width) and meta["source_size"] == (HEIGHT, WIDTH)
     assert frame_numbers(frames) == [0, 12, 24, 36]
-    assert load_video(video, fps=2, max_pixels=HEIGHT * WIDTH)[0].shape[-2:] == (HEIGHT, WIDTH)
+    frames, _ = load_video(video, sampling="timestamps", fps=2, max_pixels=HEIGHT * WIDTH)
+    assert frames.shape[-2:] == (HEIGHT, WIDTH)
 
 
 @settings(max_examples=60, deadline=None)
@@ -133,8 +138,8 @@ def test_fit_to_max_pixels_bounds_area_with_even_sides(height, width, max_pixels
 
 
 def test_iter_video_frames_yields_the_same_frames_one_by_one(video):
-    frames, meta = load_video(video, fps=3, start=0.2)
-    streamed = list(iter_video_frames(video, fps=3, start=0.2))
+    frames, meta = load_video(video, sampling="timestamps", fps=3, start=0.2)
+    streamed = list(iter_video_frames(video, sampling="timestamps", fps=3, start=0.2))
     assert all(isinstance(frame, SampledFrame) for frame in streamed)
     assert torch.equal(torch.stack([frame.pixels for frame in streamed]), frames)
     assert [frame.index for frame in streamed] == meta["frame_indices"]
@@ -156,14 +161,16 @@ def test_only_sampled_frames_are_converted_and_decoding_stops_after_the_last(vid
 
     monkeypatch.setattr(io, "_to_pixels", counting_to_pixels)
     monkeypatch.setattr(io, "_timed_frames", counting_timed_frames)
-    load_video(video, fps=2)
+    load_video(video, sampling="timestamps", fps=2)
     assert len(converted) == 4
     converted.clear()
-    load_video(video, num_frames=2 * FRAMES)  # each frame serves two times, converted once
+    # each frame serves two times, converted once
+    load_video(video, sampling="timestamps", num_frames=2 * FRAMES)
     assert len(converted) == FRAMES
     converted.clear()
     decoded.clear()
-    load_video(video, end=0.5)  # frames 0..11: the 13th tells frame 11 is the nearest
+    # frames 0..11: the 13th tells frame 11 is the nearest
+    load_video(video, sampling="timestamps", end=0.5)
     assert len(converted) == 12 and len(decoded) == 13
 
 
@@ -175,10 +182,10 @@ def test_containers_with_other_timing_metadata_sample_the_same_frames(tmp_path, 
     write_video(path, counter_frames(), FPS, crf=0)
     info = probe_video(path)
     assert info["total_frames"] == FRAMES and info["duration"] == pytest.approx(2.0)
-    frames, meta = load_video(path, fps=2)
+    frames, meta = load_video(path, sampling="timestamps", fps=2)
     assert frame_numbers(frames) == [0, 12, 24, 36]
     assert meta["timestamps"] == pytest.approx([0.0, 0.5, 1.0, 1.5], abs=2e-3)
-    frames, _ = load_video(path, start=1.0, num_frames=3)
+    frames, _ = load_video(path, sampling="timestamps", start=1.0, num_frames=3)
     assert frame_numbers(frames) == [24, 36, 47]
 
 
@@ -195,14 +202,16 @@ def test_write_video_accepts_channels_last_and_streamed_frames(tmp_path):
     write_video(tmp_path / "last.mp4", frames.permute(0, 2, 3, 1).numpy(), 8, crf=0)
     write_video(tmp_path / "stream.mkv", (frame for frame in frames), 8, crf=0)
     for name in ("last.mp4", "stream.mkv"):
-        assert frame_numbers(load_video(tmp_path / name)[0]) == list(range(8))
+        loaded, _ = load_video(tmp_path / name, sampling="timestamps")
+        assert frame_numbers(loaded) == list(range(8))
 
 
 def test_write_video_falls_back_to_mpeg4_without_libx264(tmp_path, monkeypatch):
     monkeypatch.setattr(av, "codecs_available", av.codecs_available - {"libx264"})
     assert write_video(tmp_path / "fallback.mp4", counter_frames(8), 8, crf=0) == "mpeg4"
     assert probe_video(tmp_path / "fallback.mp4")["codec"] == "mpeg4"
-    assert frame_numbers(load_video(tmp_path / "fallback.mp4")[0]) == list(range(8))
+    frames, _ = load_video(tmp_path / "fallback.mp4", sampling="timestamps")
+    assert frame_numbers(frames) == list(range(8))
 
 
 def test_write_video_rejects_frames_it_cannot_encode(tmp_path):
@@ -257,10 +266,13 @@ def broken_files(tmp_path_factory):
         ("directory", "directory"),
     ],
 )
-def test_unreadable_files_raise_video_error_naming_file_and_problem(broken_files, name, problem):
+@pytest.mark.parametrize("sampling", io.SAMPLING_MODES)
+def test_unreadable_files_raise_video_error_naming_file_and_problem(
+    broken_files, name, problem, sampling
+):
     path = broken_files[name]
     with pytest.raises(VideoError, match=problem) as caught:
-        load_video(path)
+        load_video(path, sampling=sampling)
     assert path in str(caught.value)
     assert isinstance(caught.value, ValueError)
 
@@ -282,9 +294,10 @@ def test_unreadable_files_raise_video_error_naming_file_and_problem(broken_files
         ({"backend": "opencv"}, "backend"),
     ],
 )
-def test_bad_arguments_raise_value_error_naming_the_argument(video, arguments, name):
+@pytest.mark.parametrize("sampling", io.SAMPLING_MODES)
+def test_bad_arguments_raise_value_error_naming_the_argument(video, arguments, name, sampling):
     with pytest.raises(ValueError, match=name) as caught:
-        load_video(video, **arguments)
+        load_video(video, sampling=sampling, **arguments)
     assert not isinstance(caught.value, VideoError)
 
 
@@ -331,13 +344,36 @@ def test_decord_backend_maps_times_to_frames_through_decords_api(video, monkeypa
     fake.cpu = lambda device: device
     fake.VideoReader = lambda *a, **k: readers.append(FakeDecordReader(*a, **k)) or readers[-1]
     monkeypatch.setitem(sys.modules, "decord", fake)
-    frames, meta = load_video(video, fps=2, backend="decord", max_pixels=1000)
-    pyav_frames, pyav_meta = load_video(video, fps=2, max_pixels=1000)
+    frames, meta = load_video(
+        video, sampling="timestamps", fps=2, backend="decord", max_pixels=1000
+    )
+    pyav_frames, pyav_meta = load_video(video, sampling="timestamps", fps=2, max_pixels=1000)
     assert frame_numbers(frames) == [0, 12, 24, 36] and meta["backend"] == "decord"
     assert frames.shape == pyav_frames.shape
     assert meta["timestamps"] == pytest.approx(pyav_meta["timestamps"])
-    frames, _ = load_video(video, num_frames=2 * FRAMES, backend="decord")
+    frames, _ = load_video(video, sampling="timestamps", num_frames=2 * FRAMES, backend="decord")
     assert frame_numbers(frames) == [i // 2 for i in range(2 * FRAMES)]
     batches = readers[-1].batches
     assert sum(batches, []) == list(range(FRAMES))  # each frame read once, in order
     assert max(len(batch) for batch in batches) <= io.DECORD_BATCH
+
+
+def test_decord_backend_reads_qwen_indices_as_pyav_does(video, monkeypatch):
+    readers = []
+    fake = types.ModuleType("decord")
+    fake.__spec__ = importlib.machinery.ModuleSpec("decord", None)
+    fake.cpu = lambda device: device
+    fake.VideoReader = lambda *a, **k: readers.append(FakeDecordReader(*a, **k)) or readers[-1]
+    monkeypatch.setitem(sys.modules, "decord", fake)
+    frames, meta = load_video(video, fps=12, backend="decord")  # 24 frames: two batches
+    pyav_frames, pyav_meta = load_video(video, fps=12)
+    assert (
+        meta["frame_indices"]
+        == pyav_meta["frame_indices"]
+        == [round(i * 47 / 23) for i in range(24)]
+    )
+    assert frame_numbers(frames) == meta["frame_indices"]
+    assert torch.equal(frames, pyav_frames) and meta["size"] == pyav_meta["size"]
+    assert meta["timestamps"] == pytest.approx(pyav_meta["timestamps"])
+    indices = meta["frame_indices"]
+    assert readers[-1].batches == [indices[: io.DECORD_BATCH], indices[io.DECORD_BATCH :]]
