@@ -226,6 +226,7 @@ def prepare_inputs(
 
     from linvid.eval.prompts import render_video_prompt, video_messages
     from linvid.models.frame_tome import compressed_video_inputs
+    from linvid.models.qwen_video import FRAME_LIST_FPS
 
     device = model.device
     pixels = pixels.to(device, model.dtype)
@@ -244,6 +245,10 @@ def prepare_inputs(
         "input_ids": input_ids,
         "attention_mask": torch.ones_like(input_ids),
         "video_grid_thw": grid.to(device),
+        # Synthetic frames have no source timing: qwen-vl-utils' rate for a frame list.
+        "second_per_grid_ts": torch.tensor(
+            [config.vision_config.temporal_patch_size / FRAME_LIST_FPS], device=device
+        ),
         "mm_token_type_ids": (input_ids == config.video_token_id).int() * 2,
         "mm_encoder_outputs": {
             "video": BaseModelOutputWithPooling(pooler_output=tuple(features.pooler_output))

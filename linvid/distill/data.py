@@ -44,7 +44,7 @@ from linvid.models.qwen_video import (
     CLIP_STD,
     MAX_PIXELS,
     MIN_PIXELS,
-    video_to_patches,
+    video_inputs,
     video_token_count,
 )
 from linvid.video.io import VideoError, load_video, probe_video, sampling_plan
@@ -167,8 +167,10 @@ class VideoConversationDataset(torch.utils.data.Dataset):
     unless num_frames is given) / num_frames / max_frames as in `linvid.video.io.load_video`;
     min_pixels / max_pixels bound each frame's area as in `load_video` and
     `video_to_patches`; pixel_statistics: the model's (mean, std) (`pixel_statistics(config)`,
-    default CLIP's). style: "standard" (video, then the question's text) or "sandwich"
-    (question, video, question; paper 001 §3.2.3) for the turn holding the video.
+    default CLIP's); processor: the teacher's Qwen2.5-VL processor when its directory has one
+    (`load_processor`): its video processor makes the pixels. style: "standard" (video, then
+    the question's text) or "sandwich" (question, video, question; paper 001 §3.2.3) for the
+    turn holding the video.
     Conversations longer than max_sequence_length lose whole trailing turns; one that cannot
     keep the video and the answer after it is a bad sample (never cut mid-video).
     """
@@ -190,7 +192,9 @@ class VideoConversationDataset(torch.utils.data.Dataset):
         feature_cache: VisionFeatureCache | None = None,
         pixel_statistics: tuple | None = None,
         sampling: str = "qwen",
+        processor=None,
     ):
+        self.processor = processor
         if style not in PROMPT_STYLES:
             raise ValueError(f"unknown prompt style {style!r}; expected one of {PROMPT_STYLES}")
         if max_sequence_length is not None and max_sequence_length < 1:
@@ -294,14 +298,16 @@ class VideoConversationDataset(torch.utils.data.Dataset):
         else:
             frames, meta = load_video(sample.video, **self._load_options())
             frames_per_second = meta["sample_fps"]
-            pixels, grid = video_to_patches(
+            video = video_inputs(
                 frames,
                 self.vision_config,
+                sample_fps=frames_per_second,
+                statistics=(self.pixel_mean, self.pixel_std),
+                processor=self.processor,
                 min_pixels=self.min_pixels,
                 max_pixels=self.max_pixels,
-                mean=self.pixel_mean,
-                std=self.pixel_std,
             )
+            pixels, grid = video["pixel_values_videos"], video["video_grid_thw"]
         seconds = second_per_grid(frames_per_second, self.vision_config.temporal_patch_size)
         count = video_token_count(grid, self.vision_config.spatial_merge_size)
         input_ids, labels = self._tokenize(sample, count)

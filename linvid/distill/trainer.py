@@ -243,7 +243,9 @@ def stage_feature_cache(stage: Stage, student, teacher, options: RunOptions):
 
 def make_dataset(options: RunOptions, stage: Stage, tokenizer, config, feature_cache=None):
     """The stage's VideoConversationDataset for a model with `config` (its vision config and
-    pixel statistics)."""
+    pixel statistics); the pixels come from the teacher directory's processor when it has
+    one (a real checkpoint's), as a Qwen2.5-VL user's would."""
+    from linvid.models.processor import load_processor
     from linvid.models.qwen_video import pixel_statistics
 
     samples = [
@@ -262,6 +264,7 @@ def make_dataset(options: RunOptions, stage: Stage, tokenizer, config, feature_c
         style=stage.prompt_style,
         feature_cache=feature_cache,
         pixel_statistics=pixel_statistics(config),
+        processor=load_processor(options.teacher),
         **sampling,
     )
 

@@ -23,11 +23,14 @@ from transformers import GenerationConfig
 
 from linvid.eval.prompts import VIDEO_PLACEHOLDER, render_video_prompt, video_messages
 from linvid.models.cache import cache_keyword
+from linvid.models.processor import load_processor
 from linvid.models.qwen2_5_vl import LinvidQwen2_5_VLForConditionalGeneration
 from linvid.models.qwen_video import (
     FRAME_LIST_FPS,
     MAX_PIXELS,
     MIN_PIXELS,
+    frame_list_metadata,
+    pixel_statistics,
     video_inputs,
     video_token_count,
 )
@@ -126,29 +129,16 @@ class VideoPromptEncoder:
         )
 
     def video(self, frames: torch.Tensor, sample_fps: float) -> dict:
-        """pixel_values_videos (P, C), video_grid_thw (1, 3) and second_per_grid_ts (1,) of
-        (T, 3, H, W) frames shown at `sample_fps` frames per second."""
-        if self.processor is None:
-            return video_inputs(
-                frames,
-                self.model.config,
-                sample_fps=sample_fps,
-                min_pixels=self.min_pixels,
-                max_pixels=self.max_pixels,
-            )
-        processed = self.processor.video_processor(
-            videos=[frames],
-            video_metadata=[frame_list_metadata(frames.shape[0], sample_fps)],
-            do_sample_frames=False,
-            size={"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
-            return_tensors="pt",
+        """`video_inputs` of (T, 3, H, W) frames shown at `sample_fps` frames per second."""
+        return video_inputs(
+            frames,
+            self.model.config.vision_config,
+            sample_fps=sample_fps,
+            statistics=pixel_statistics(self.model.config),
+            processor=self.processor,
+            min_pixels=self.min_pixels,
+            max_pixels=self.max_pixels,
         )
-        temporal = self.model.config.vision_config.temporal_patch_size
-        return {
-            "pixel_values_videos": processed["pixel_values_videos"],
-            "video_grid_thw": processed["video_grid_thw"],
-            "second_per_grid_ts": torch.tensor([temporal / sample_fps]),
-        }
 
     def whole(self, frames: torch.Tensor, question: str, style: str, sample_fps: float) -> dict:
         """generate() inputs (batch of 1) for the whole video."""
@@ -185,17 +175,6 @@ class VideoPromptEncoder:
             else value.to(self.model.device)
             for key, value in inputs.items()
         }
-
-
-def frame_list_metadata(count: int, sample_fps: float) -> dict:
-    """transformers' VideoMetadata for `count` frames already sampled at `sample_fps`: its
-    `sampled_fps` (what Qwen's processor turns into second_per_grid_ts) is sample_fps; without
-    it the processor assumes 24 fps."""
-    return {
-        "total_num_frames": count,
-        "fps": float(sample_fps),
-        "frames_indices": list(range(count)),
-    }
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -424,23 +403,6 @@ def default_style(model) -> str:
     if can_stream(model) and model.plan.mixer == "rwkv6":
         return "sandwich"
     return "standard"
-
-
-def load_processor(model_dir: str):
-    """The Qwen2.5-VL processor a model directory ships (preprocessor / video processor /
-    processor config beside the weights, as real checkpoints have), or None: then the
-    tokenizer and linvid's `video_inputs` make the same inputs."""
-    from pathlib import Path
-
-    from transformers import AutoProcessor
-
-    names = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
-    if not any((Path(model_dir) / name).is_file() for name in names):
-        return None
-    processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
-    if getattr(processor, "video_processor", None) is None:
-        return None
-    return processor
 
 
 def ask_video_file(

@@ -23,7 +23,12 @@ import torch
 
 from linvid.distill.data import END_OF_TURN, IGNORE_INDEX, collate, model_inputs
 from linvid.eval.prompts import VIDEO_PLACEHOLDER, render_video_prompt, video_messages
-from linvid.models.qwen_video import FRAME_LIST_FPS, video_inputs, video_token_count
+from linvid.models.qwen_video import (
+    FRAME_LIST_FPS,
+    pixel_statistics,
+    video_inputs,
+    video_token_count,
+)
 
 
 def frames_tensor(frames) -> torch.Tensor:
@@ -45,7 +50,9 @@ class AnswerEncoder:
     True resizes as Qwen2-VL's processor does. Pixel statistics come from the config
     (`pixel_statistics`). sample_fps: frames per second of the videos given (their
     second_per_grid_ts is temporal_patch_size / sample_fps, as Qwen's processor computes it);
-    by default qwen-vl-utils' rate for a list of frames (FRAME_LIST_FPS)."""
+    by default qwen-vl-utils' rate for a list of frames (FRAME_LIST_FPS). processor: a
+    checkpoint's Qwen2.5-VL processor (`load_processor`): its video processor makes the pixels
+    (the same ones within 1e-5; its image mean / std must be the model's)."""
 
     def __init__(
         self,
@@ -55,7 +62,9 @@ class AnswerEncoder:
         style: str = "standard",
         resize: bool = False,
         sample_fps: float = FRAME_LIST_FPS,
+        processor=None,
     ):
+        self.processor = processor
         self.tokenizer = tokenizer
         self.config = config
         self.vision_config = config.vision_config
@@ -74,8 +83,10 @@ class AnswerEncoder:
         kwargs = {"min_pixels": 0} if self.resize else {}
         return video_inputs(
             frames_tensor(frames),
-            self.config,
+            self.vision_config,
             sample_fps=self.sample_fps,
+            statistics=pixel_statistics(self.config),
+            processor=self.processor,
             resize=self.resize,
             **kwargs,
         )

@@ -28,6 +28,7 @@ __all__ = [
     "SPECIAL_TOKENS",
     "build_bpe_tokenizer",
     "build_processor",
+    "load_processor",
     "token_ids",
 ]
 
@@ -167,3 +168,20 @@ def build_processor(tokenizer, **video_processor_kwargs) -> Qwen2_5_VLProcessor:
         video_processor=Qwen2VLVideoProcessor(**video_processor_kwargs),
         chat_template=CHAT_TEMPLATE,
     )
+
+
+def load_processor(model_dir):
+    """The Qwen2.5-VL processor a model directory ships (processor / preprocessor / video
+    preprocessor config beside the weights, as real checkpoints have), or None when it ships
+    none (then the tokenizer and linvid's `video_inputs` make the same inputs)."""
+    from pathlib import Path
+
+    from transformers import AutoProcessor
+
+    names = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
+    if not any((Path(model_dir) / name).is_file() for name in names):
+        return None
+    processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    if getattr(processor, "video_processor", None) is None:
+        return None
+    return processor

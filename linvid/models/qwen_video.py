@@ -128,38 +128,70 @@ FRAME_LIST_FPS = 2.0
 
 def video_inputs(
     frames: torch.Tensor,
-    config,
+    vision_config,
     *,
     sample_fps: float = FRAME_LIST_FPS,
+    statistics: tuple[tuple[float, ...], tuple[float, ...]] = (CLIP_MEAN, CLIP_STD),
+    processor=None,
     min_pixels: int = MIN_PIXELS,
     max_pixels: int | None = None,
     resize: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """The video inputs Qwen's processor returns for one video, from linvid's pixel path: the
-    one function every linvid caller (ask, distill data, option scoring, the demo) builds
-    video inputs with.
+    """The video inputs Qwen's processor returns for one video: the one function every linvid
+    caller (ask, distill data, option scoring, the demo) builds video inputs with.
 
     frames: (T, 3, H, W) uint8 shown at `sample_fps` frames per second (`load_video`'s
-    meta["sample_fps"] for a file). config: the model's config (vision config and
-    `pixel_statistics`). Returns {"pixel_values_videos": (t*h*w, C) float32, "video_grid_thw":
-    (1, 3) long, "second_per_grid_ts": (1,) float32 = temporal_patch_size / sample_fps}, as
-    `Qwen2_5_VLProcessor` gives them (pixels within 1e-5; tests/video, tests/eval).
+    meta["sample_fps"] for a file). vision_config: the model's (patch, temporal patch, merge).
+    processor: a checkpoint's Qwen2.5-VL processor: its video processor computes the pixels,
+    called as a user calls it (the frames' metadata, no frame sampling, `min_pixels` /
+    `max_pixels` as its size); without one, `video_to_patches` with `statistics` (mean, std;
+    `pixel_statistics(config)`) gives the same pixels (within 1e-5; tests/video, tests/eval).
+    Returns {"pixel_values_videos": (t*h*w, C) float32, "video_grid_thw": (1, 3) long,
+    "second_per_grid_ts": (1,) float32 = temporal_patch_size / sample_fps}.
     """
-    if not (isinstance(sample_fps, int | float) and sample_fps > 0):
+    if isinstance(sample_fps, bool) or not isinstance(sample_fps, int | float) or not (
+        sample_fps > 0
+    ):
         raise ValueError(f"sample_fps must be > 0 (frames per second), got {sample_fps!r}")
-    mean, std = pixel_statistics(config)
-    pixels, grid = video_to_patches(
-        frames,
-        config.vision_config,
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
-        resize=resize,
-        mean=mean,
-        std=std,
-    )
-    seconds = config.vision_config.temporal_patch_size / float(sample_fps)
+    if processor is not None:
+        size = dict(processor.video_processor.size)
+        size["shortest_edge"] = min_pixels
+        if max_pixels is not None:
+            size["longest_edge"] = max_pixels
+        processed = processor.video_processor(
+            videos=[frames],
+            video_metadata=[frame_list_metadata(frames.shape[0], sample_fps)],
+            do_sample_frames=False,
+            do_resize=resize,
+            size=size,
+            return_tensors="pt",
+        )
+        pixels, grid = processed["pixel_values_videos"], processed["video_grid_thw"]
+    else:
+        mean, std = statistics
+        pixels, grid = video_to_patches(
+            frames,
+            vision_config,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            resize=resize,
+            mean=mean,
+            std=std,
+        )
+    seconds = vision_config.temporal_patch_size / float(sample_fps)
     return {
         "pixel_values_videos": pixels,
         "video_grid_thw": grid,
         "second_per_grid_ts": torch.tensor([seconds], dtype=torch.float32),
+    }
+
+
+def frame_list_metadata(count: int, sample_fps: float) -> dict:
+    """transformers' VideoMetadata for `count` frames already sampled at `sample_fps`: its
+    `sampled_fps`, which Qwen's processor turns into second_per_grid_ts, is sample_fps.
+    Frames given without metadata are taken as 24 fps by transformers 5.23 / 5.24."""
+    return {
+        "total_num_frames": count,
+        "fps": float(sample_fps),
+        "frames_indices": list(range(count)),
     }

@@ -359,3 +359,32 @@ def test_pixel_statistics_follow_the_model(data_dir, tokenizer, config):
     assert float(clip[0]["pixel_values_videos"].max()) > 1  # CLIP's std stretches past 1
     sample = clip.samples[0]
     assert clip.video_key(sample) != symmetric.video_key(sample)
+
+
+def test_second_per_grid_and_the_teachers_processor(data_dir, tokenizer, config, tmp_path):
+    """Each item carries the sampled video's second_per_grid_ts (8 frames at 8 fps, 4 sampled
+    the qwen-vl-utils way: 4 fps, so 2 / 4 s per frame pair), also when its features come from
+    the cache; with the teacher's processor the pixels are the processor's, equal to linvid's."""
+    from linvid.models.processor import build_bpe_tokenizer, build_processor
+
+    plain = make_dataset(data_dir, tokenizer, config)
+    processor = build_processor(build_bpe_tokenizer(WORDS))
+    with_processor = make_dataset(data_dir, tokenizer, config, processor=processor)
+    item, processed = plain[0], with_processor[0]
+    assert item["second_per_grid_ts"].tolist() == [0.5]
+    assert torch.equal(processed["second_per_grid_ts"], item["second_per_grid_ts"])
+    assert torch.equal(processed["video_grid_thw"], item["video_grid_thw"])
+    difference = (processed["pixel_values_videos"] - item["pixel_values_videos"]).abs().max()
+    assert difference < 1e-5
+    batch = collate([item, plain[2]], tokenizer.pad_token_id)
+    assert batch["second_per_grid_ts"].tolist() == [0.5, 0.5]
+    assert "second_per_grid_ts" in model_inputs(batch)
+
+    cache = VisionFeatureCache(tmp_path / "features", fingerprint="tiny")
+    cached = make_dataset(data_dir, tokenizer, config, feature_cache=cache)
+    key = cached.video_key(cached.samples[0])
+    cache.put(key, torch.zeros(4, 64), item["video_grid_thw"])
+    cache.flush()
+    from_cache = cached[0]
+    assert from_cache["pixel_values_videos"] is None
+    assert from_cache["second_per_grid_ts"].tolist() == [0.5]
