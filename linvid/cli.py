@@ -10,6 +10,18 @@ import sys
 from linvid import __version__
 
 
+# What a Ctrl-C leaves, per command (the output rule: linvid/outputs.py).
+INTERRUPT_HINTS = {
+    "convert": "Nothing was written; the --out directory is as it was.",
+    "ask": "",
+    "distill": "Finished checkpoints are kept; rerun the same command with --resume to go on.",
+    "demo": "Finished steps are kept; rerun the same command to go on from them.",
+    "niah": "The --out directory is as it was; rerun the command.",
+    "scenes": "",
+    "bench": "",
+}
+
+
 def add_module_command(commands, name: str, module, summary: str) -> None:
     """A subcommand whose work lives in `module`: its docstring is the description, its
     add_arguments(parser) and main_from_arguments(arguments) the arguments and the run."""
@@ -98,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--placement", choices=("early", "middle", "late"), help="override")
     convert.add_argument("--init", choices=("transfer", "random"), help="override")
     convert.add_argument("--out", required=True, help="output directory for the student")
+    convert.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty --out (never the input)"
+    )
     convert.set_defaults(run=run_convert)
 
     ask = commands.add_parser(
@@ -175,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="always run the vision tower on decoded frames",
     )
     distill.add_argument("--resume", action="store_true", help="continue the latest checkpoint")
+    distill.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an --out that holds an earlier run (replacing its student)",
+    )
     distill.add_argument("--checkpoint-every", type=int, default=0, help="optimizer steps")
     distill.add_argument("--keep-checkpoints", type=int, default=2, help="newest kept")
     distill.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
@@ -334,6 +354,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return arguments.run(arguments)
+    except KeyboardInterrupt:
+        hint = INTERRUPT_HINTS.get(arguments.command, "")
+        print(f"linvid {arguments.command}: interrupted. {hint}".rstrip(), file=sys.stderr)
+        return 130
     except (ValueError, OSError, FloatingPointError) as error:
         print(f"linvid {arguments.command}: error: {error}", file=sys.stderr)
         print("hint: run with --help for the expected arguments", file=sys.stderr)
