@@ -9,7 +9,6 @@ import sys
 
 from linvid import __version__
 
-
 # What a Ctrl-C leaves, per command (the output rule: linvid/outputs.py).
 INTERRUPT_HINTS = {
     "convert": "Nothing was written; the --out directory is as it was.",
