@@ -104,8 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="preset: qwen-rwkv-vl-25, qwen-rwkv-vl-50, mamba2-hybrid-25, linmu, rwkv6-all",
     )
-    convert.add_argument("--layers", help="override: comma-separated decoder layer indices")
-    convert.add_argument("--fraction", type=float, help="override: fraction of layers to replace")
+    convert.add_argument(
+        "--layers", help="override: comma-separated decoder layer indices, e.g. 0,2,5"
+    )
+    convert.add_argument(
+        "--fraction", type=float, help="override: fraction of layers to replace (not with --layers)"
+    )
     convert.add_argument("--placement", choices=("early", "middle", "late"), help="override")
     convert.add_argument("--init", choices=("transfer", "random"), help="override")
     convert.add_argument("--out", required=True, help="output directory for the student")
@@ -132,7 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(default); timestamps: linvid's nearest frame to each planned time",
     )
     ask.add_argument("--num-frames", type=int, help="sample exactly this many frames instead")
-    ask.add_argument("--max-frames", type=int, help="cap on sampled frames")
+    from linvid.video.qwen_sampling import FPS_MAX_FRAMES
+
+    ask.add_argument(
+        "--max-frames",
+        type=int,
+        default=FPS_MAX_FRAMES,
+        help=f"cap on sampled frames, with --fps or --num-frames (default {FPS_MAX_FRAMES}, "
+        "Qwen2.5-VL's)",
+    )
     ask.add_argument("--max-pixels", type=int, default=768 * 28 * 28, help="per frame")
     ask.add_argument("--min-pixels", type=int, default=128 * 28 * 28, help="per frame")
     ask.add_argument("--max-new-tokens", type=int, default=32)
@@ -188,11 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="always run the vision tower on decoded frames",
     )
-    distill.add_argument("--resume", action="store_true", help="continue the latest checkpoint")
+    distill.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on from the newest checkpoint of --out that reads back whole (a run stopped "
+        "before its first checkpoint starts over)",
+    )
     distill.add_argument(
         "--overwrite",
         action="store_true",
-        help="start afresh in an --out that holds an earlier run (replacing its student)",
+        help="start afresh in an --out that holds an earlier run: its checkpoints and logs are "
+        "dropped when the new run starts, its student/ is replaced once the new one is saved "
+        "whole (never when --out is or holds the --teacher/--student)",
     )
     distill.add_argument("--checkpoint-every", type=int, default=0, help="optimizer steps")
     distill.add_argument("--keep-checkpoints", type=int, default=2, help="newest kept")
@@ -227,6 +246,7 @@ def run_distill(arguments: argparse.Namespace) -> int:
         student=arguments.student,
         plan=arguments.plan,
         resume=arguments.resume,
+        overwrite=arguments.overwrite,
         checkpoint_every=arguments.checkpoint_every,
         keep_checkpoints=arguments.keep_checkpoints,
         max_steps=arguments.max_steps,
@@ -265,21 +285,35 @@ def data_arguments(values: list[str]) -> tuple[str | None, dict[str, str]]:
 def run_convert(arguments: argparse.Namespace) -> int:
     import dataclasses
 
-    from linvid.models.convert import convert_checkpoint
+    from linvid.models.convert import convert_checkpoint, parse_layers
+    from linvid.models.directory import (
+        TEACHER_MODEL_TYPES,
+        check_model_directory,
+        decoder_layer_count,
+    )
     from linvid.models.plan import resolve_plan
 
     plan = resolve_plan(arguments.plan)
+    if arguments.layers is not None and arguments.fraction is not None:
+        raise ValueError(
+            f"give --layers or --fraction, not both (got --layers {arguments.layers} and "
+            f"--fraction {arguments.fraction:g}): --layers names the decoder layers to replace, "
+            "--fraction replaces that share of them"
+        )
+    if arguments.fraction is not None and not 0 < arguments.fraction <= 1:
+        raise ValueError(f"--fraction must be in (0, 1], got {arguments.fraction:g}")
+    config = check_model_directory(arguments.model, "--model", model_types=TEACHER_MODEL_TYPES)
     overrides = {}
     if arguments.layers is not None:
-        overrides["layers"] = tuple(int(part) for part in arguments.layers.split(","))
-        overrides["fraction"] = None
+        layers = parse_layers(arguments.layers, decoder_layer_count(config))
+        overrides["layers"], overrides["fraction"] = layers, None
     if arguments.fraction is not None:
         overrides["fraction"], overrides["layers"] = arguments.fraction, None
     for name in ("placement", "init"):
         if getattr(arguments, name) is not None:
             overrides[name] = getattr(arguments, name)
     plan = dataclasses.replace(plan, **overrides)
-    out = convert_checkpoint(arguments.model, plan, arguments.out)
+    out = convert_checkpoint(arguments.model, plan, arguments.out, overwrite=arguments.overwrite)
     print(f"converted {arguments.model} with plan {plan.to_dict()} -> {out}")
     return 0
 

@@ -14,7 +14,10 @@
 
 Every number in the report comes from this run (or the cached teacher's own training log);
 `--quick` runs the same steps at tiny sizes. A step that finished is not redone when the run
-is started again with the same settings (each writes its result file last, atomically).
+is started again with the same settings (each writes its result file last, atomically, and
+the log says which steps it reuses), so after a Ctrl-C the same command goes on from the
+finished steps. A step's key hashes only its settings and the keys of the steps it reads,
+never the spelling of the run directory: `--out demo` and `--out /abs/path/demo` share them.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pathlib import Path
 import torch
 
 from linvid.demo.students import STUDENTS, InferenceSettings, StudentView, inference_settings
+from linvid.outputs import atomic_write_text
 
 TASKS = ("retrieval", "ordering", "counting")
 
@@ -108,10 +112,13 @@ class StepTimer:
 
 
 def _write_json(path: Path, value) -> None:
-    """Write JSON atomically (a temporary file renamed into place)."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
-    os.replace(temporary, path)
+    """Write JSON atomically (linvid.outputs.atomic_write_text: a temporary file renamed into
+    place)."""
+    atomic_write_text(path, json.dumps(value, indent=1, sort_keys=True) + "\n")
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _settings_hash(**settings) -> str:
@@ -123,25 +130,42 @@ def _settings_hash(**settings) -> str:
 # Steps
 
 
-def make_data(config: DemoConfig, out: Path) -> dict:
+def make_data(config: DemoConfig, out: Path, log=None) -> dict:
     """Distillation conversations at the training length (seed config.seed + 1; the teacher
-    trains on its own fresh samples and the evaluation uses held-out seeds)."""
-    from linvid.niah.dataset import write_dataset
+    trains on its own fresh samples and the evaluation uses held-out seeds), in
+    RUN_DIR/data/train-KEY. Returns {"directory", "samples", "vnbench", "conversations",
+    "videos"}, paths under `out` as spelled (done.json stores no path, so a run directory
+    read through another spelling, or moved, still finds its data)."""
+    from linvid.niah.dataset import CONVERSATIONS_FILE, VIDEO_DIR, VNBENCH_FILE, write_dataset
 
-    key = _settings_hash(per_task=config.distill_per_task, frames=config.train_frames)
+    log = log or _log
+    seed = config.seed + 1
+    key = _settings_hash(per_task=config.distill_per_task, frames=config.train_frames, seed=seed)
     directory = out / "data" / f"train-{key}"
     done = directory / "done.json"
     if done.is_file():
-        return json.loads(done.read_text())
-    written = write_dataset(
-        directory,
-        tasks=TASKS,
-        frames=(config.train_frames,),
-        n=config.distill_per_task,
-        seed=config.seed + 1,
-    )
-    _write_json(done, written)
-    return written
+        samples = json.loads(done.read_text())["samples"]
+        log(f"[demo] data: reusing {directory} (finished earlier with the same settings)")
+    else:
+        # write_dataset builds the directory whole (a partial one beside it, renamed at the
+        # end); one that exists without done.json is an older version's unfinished run.
+        written = write_dataset(
+            directory,
+            tasks=TASKS,
+            frames=(config.train_frames,),
+            n=config.distill_per_task,
+            seed=seed,
+            overwrite=directory.exists(),
+        )
+        samples = written["samples"]
+        _write_json(done, {"samples": samples})
+    return {
+        "directory": str(directory),
+        "samples": samples,
+        "vnbench": str(directory / VNBENCH_FILE),
+        "conversations": str(directory / CONVERSATIONS_FILE),
+        "videos": str(directory / VIDEO_DIR),
+    }
 
 
 def teacher_settings(config: DemoConfig) -> dict:
@@ -186,20 +210,34 @@ def scaled_recipe(config: DemoConfig, preset: str):
     return recipe
 
 
-def distill_student(config: DemoConfig, out: Path, teacher: Path, data: dict, preset: str):
-    """Convert and distill one preset; returns (student directory, summary)."""
+def distill_student(
+    config: DemoConfig, out: Path, teacher: Path, data: dict, preset: str, log=None
+):
+    """Convert and distill one preset into RUN_DIR/students/PRESET-KEY; returns (student
+    directory, summary). KEY hashes the recipe and the keyed names of the teacher and data
+    directories (which hash their own settings), not their paths."""
     from linvid.distill.trainer import RunOptions, distill
 
+    log = log or _log
     recipe = scaled_recipe(config, preset)
-    # A changed recipe (or teacher) distills anew instead of reusing an older student.
-    key = _settings_hash(recipe=dataclasses.asdict(recipe), teacher=str(teacher), data=data)
+    # A changed recipe (or teacher, or data) distills anew instead of reusing an older student.
+    key = _settings_hash(
+        recipe=dataclasses.asdict(recipe),
+        teacher=Path(teacher).name,
+        data=Path(data["directory"]).name,
+    )
     run = out / "students" / f"{preset}-{key}"
     summary_path = run / "summary.json"
     if summary_path.is_file() and (run / "student").is_dir():
+        log(f"[demo] distill {preset}: reusing {run} (finished earlier with the same settings)")
         return run / "student", json.loads(summary_path.read_text())
-    resume = (run / "checkpoints").is_dir()  # an unfinished run: continue it
+    # An unfinished run (interrupted) goes on: from its newest checkpoint, or from step 0 when
+    # it stopped before the first. One that saved its student but not the demo's summary is
+    # distilled again, replacing that student (the only case the trainer needs overwrite for).
+    resume = run.is_dir() and any(run.iterdir())
+    again = resume and not (run / "checkpoints").is_dir() and (run / "student").exists()
     size = 56 * 56
-    options = RunOptions(
+    settings = dict(
         teacher=str(teacher),
         data=data["conversations"],
         out=str(run),
@@ -212,6 +250,11 @@ def distill_student(config: DemoConfig, out: Path, teacher: Path, data: dict, pr
         max_pixels=size,
         feature_cache_dir=str(out / "vision_features"),
     )
+    if again and "overwrite" in {field.name for field in dataclasses.fields(RunOptions)}:
+        settings["overwrite"] = True
+    if again:
+        log(f"[demo] distill {preset}: {run} saved a student but no summary; distilling again")
+    options = RunOptions(**settings)
     started = time.perf_counter()
     destination = distill(recipe, options)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -319,23 +362,73 @@ def measure_speed(model, tokenizer, config: DemoConfig, settings: InferenceSetti
     return rows
 
 
-def evaluate_and_time(name: str, directory: Path, settings: InferenceSettings, config, log):
+def load_model(name: str, directory: str | os.PathLike):
+    """(model in eval mode, tokenizer) from a local directory: the teacher as Qwen2.5-VL, a
+    student through linvid.load. Local files only: a missing directory is named as missing
+    (FileNotFoundError), never looked up on a model hub."""
     from transformers import AutoTokenizer
 
     import linvid
+    from linvid.niah.teacher import local_model_directory
 
+    directory = local_model_directory(directory, name)
     if name == "teacher":
         from transformers import Qwen2_5_VLForConditionalGeneration
 
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(directory)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(directory, local_files_only=True)
     else:
-        model = linvid.load(directory)
+        model = linvid.load(directory, local_files_only=True)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    return model, AutoTokenizer.from_pretrained(directory, local_files_only=True)
+
+
+def evaluate_and_time(name: str, directory: Path, settings: InferenceSettings, config, log):
+    model, tokenizer = load_model(name, directory)
     log(f"[demo] evaluate {name} ({settings.describe()})")
     records = evaluate_model(model, tokenizer, settings, config, log)
     speed = measure_speed(model, tokenizer, config, settings)
     return {"records": records, "speed": speed}
+
+
+def weights_digest(directory: Path) -> str:
+    """A digest of a model directory's weights (every *.safetensors file, by name and bytes):
+    an evaluation is reused only for the very weights it measured."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        digest.update(path.name.encode())
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def cached_evaluation(
+    name: str, directory: Path, settings: InferenceSettings, config: DemoConfig, out: Path, log
+) -> dict:
+    """`evaluate_and_time`, kept in RUN_DIR/evaluations/NAME-KEY.json (KEY: the weights, the
+    inference settings and the evaluation and speed sizes) so that a rerun after an interrupt
+    does not evaluate again the models it already finished."""
+    from linvid.niah.teacher import local_model_directory
+
+    directory = local_model_directory(directory, name)
+    key = _settings_hash(
+        weights=weights_digest(directory),
+        settings=dataclasses.asdict(settings),
+        eval_frames=config.eval_frames,
+        eval_per_task=config.eval_per_task,
+        depth_bins=config.depth_bins,
+        speed_frames=config.speed_frames,
+        decode_tokens=config.decode_tokens,
+        threads=config.threads,
+    )
+    path = out / "evaluations" / f"{name}-{key}.json"
+    if path.is_file():
+        log(f"[demo] evaluate {name}: reusing {path} (finished earlier with the same weights)")
+        return json.loads(path.read_text())
+    result = evaluate_and_time(name, directory, settings, config, log)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(path, result)
+    return result
 
 
 def machine() -> dict:
@@ -356,30 +449,30 @@ def run_demo(config: DemoConfig, out: str | os.PathLike, log=None) -> Path:
     """Run every step into `out`; returns the report's path (report.md)."""
     from linvid.demo.report import write_report
 
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    log = log or _log
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.threads)
     timer = StepTimer(log)
-    data = timer.run("data", lambda: make_data(config, out))
+    data = timer.run("data", lambda: make_data(config, out, log))
     teacher = timer.run("teacher", lambda: train_teacher(config, out, log))
     students = {}
     for preset in config.students:
         students[preset] = timer.run(
             f"distill {preset}",
-            lambda preset=preset: distill_student(config, out, teacher, data, preset),
+            lambda preset=preset: distill_student(config, out, teacher, data, preset, log),
         )
     results = {}
     results["teacher"] = timer.run(
         "evaluate teacher",
-        lambda: evaluate_and_time("teacher", teacher, InferenceSettings(), config, log),
+        lambda: cached_evaluation("teacher", teacher, InferenceSettings(), config, out, log),
     )
     for preset, (directory, summary) in students.items():
         settings = InferenceSettings(**summary["inference"])
         results[preset] = timer.run(
             f"evaluate {preset}",
-            lambda preset=preset, directory=directory, settings=settings: evaluate_and_time(
-                preset, directory, settings, config, log
+            lambda preset=preset, directory=directory, settings=settings: cached_evaluation(
+                preset, directory, settings, config, out, log
             ),
         )
     teacher_log = _teacher_summary(teacher)

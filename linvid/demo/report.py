@@ -4,14 +4,20 @@ PNGs (accuracy against frames, needle heatmaps, prefill and decode speed against
 Every number is computed here from the run's records: accuracy per task and length from the
 per-question records, retention = student accuracy / teacher accuracy, speed ratios from the
 same run's measurements.
+
+Every file is rendered in memory first and then written atomically (linvid.outputs: a
+temporary file renamed into place), report.md last, so an interrupt while the report is made
+leaves the previous report's files as they were and never a half-written one.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
+
+from linvid.outputs import atomic_write, atomic_write_text
 
 # Retention goals at the training length (issue: >= 95% for the hybrids, >= 90% all-linear).
 RETENTION_GOALS = {
@@ -225,14 +231,22 @@ def markdown(report: dict, images: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plots(report: dict, out: Path) -> list[str]:
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def plots(report: dict) -> dict[str, bytes]:
+    """The report's figures as PNG bytes by file name (accuracy.png, heatmap.png, speed.png),
+    rendered in memory."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(report["accuracy"])
-    written = []
+    images = {}
 
     figure, axis = plt.subplots(figsize=(6, 4))
     for name in names:
@@ -243,9 +257,8 @@ def plots(report: dict, out: Path) -> list[str]:
     axis.set_title("held-out accuracy against video length")
     axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(out / "accuracy.png", dpi=100)
+    images["accuracy.png"] = _png(figure)
     plt.close(figure)
-    written.append(str(out / "accuracy.png"))
 
     figure, axes = plt.subplots(
         1, len(names), figsize=(2.8 * len(names), 3.2), squeeze=False, constrained_layout=True
@@ -262,9 +275,8 @@ def plots(report: dict, out: Path) -> list[str]:
         axis.set_xlabel("needle depth", fontsize=8)
     axes[0][0].set_ylabel("frames")
     figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="accuracy (circular)")
-    figure.savefig(out / "heatmap.png", dpi=100)
+    images["heatmap.png"] = _png(figure)
     plt.close(figure)
-    written.append(str(out / "heatmap.png"))
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for name in names:
@@ -276,22 +288,24 @@ def plots(report: dict, out: Path) -> list[str]:
     right.set(xscale="log", xlabel="frames", ylabel="decode tokens/s")
     left.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(out / "speed.png", dpi=100)
+    images["speed.png"] = _png(figure)
     plt.close(figure)
-    written.append(str(out / "speed.png"))
-    return written
+    return images
 
 
 def write_report(out: Path, **parts) -> Path:
-    """Write report.json, the PNGs and report.md into `out`; returns report.md's path."""
+    """Write the PNGs, report.json and report.md into `out`; returns report.md's path. All
+    are rendered before the first is written, and each is written atomically, report.md last
+    (see the module's doc)."""
+    out = Path(out)
     report = build_report(**parts)
-    images = plots(report, out)
-    text = json.dumps(report, indent=1, sort_keys=False, default=str)
-    temporary = out / ".report.json.tmp"
-    temporary.write_text(text + "\n")
-    os.replace(temporary, out / "report.json")
-    (out / "report.md").write_text(markdown(report, images))
-    return out / "report.md"
+    images = plots(report)
+    text = json.dumps(report, indent=1, sort_keys=False, default=str) + "\n"
+    page = markdown(report, [str(out / name) for name in images])
+    for name, data in images.items():
+        atomic_write(out / name, lambda temporary, data=data: temporary.write_bytes(data))
+    atomic_write_text(out / "report.json", text)
+    return atomic_write_text(out / "report.md", page)
 
 
 def summary_table(report: dict) -> str:

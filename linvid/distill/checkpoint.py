@@ -12,6 +12,13 @@ MULTI_GPU) write linvid's own format; nothing is ever unpickled on load:
   scaler.json                    the GradScaler state_dict(), only with fp16 mixed precision
   rng_<rank>.safetensors         torch CPU RNG state and CUDA RNG states, one file per process
   rng_<rank>.json                Python `random` and numpy RNG states, accelerate's step counter
+  manifest.json                  every other file's size and SHA-256 (`write_manifest`, written
+                                 last, inside the temporary directory before it is renamed)
+
+Before a run resumes from a checkpoint, `verify_checkpoint` reads every file back: the manifest
+matches, every JSON file parses, every safetensors header and tensor loads and every floating
+tensor is finite; what fails names the file. A truncated or bit-flipped checkpoint is thus
+found before any step (the trainer then falls back to the previous one).
 
 FSDP, DeepSpeed and the other backends shard model and optimizer their own way: for them the
 checkpoint is accelerate's own `save_state` format (which includes pickles) and is read back
@@ -20,6 +27,7 @@ with `load_state`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -32,6 +40,7 @@ OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_JSON = "optimizer.json"
 SCHEDULER_JSON = "scheduler.json"
 SCALER_JSON = "scaler.json"
+MANIFEST = "manifest.json"
 
 
 class CheckpointError(ValueError):
@@ -74,9 +83,114 @@ def _write_json(path: Path, value) -> None:
     path.write_text(json.dumps(value, indent=1))
 
 
-def _read_json(path: Path):
-    with open(path) as file:
-        return json.load(file)
+def read_json(path: Path):
+    """The JSON value in `path`; CheckpointError naming the file when it does not parse."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({error}); the file is truncated or corrupt"
+        ) from None
+
+
+def _load_tensors(path: Path) -> dict:
+    """Every tensor of a safetensors file; CheckpointError naming the file when it does not
+    load (a truncated file, a damaged header)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as error:  # SafetensorError derives from Exception only
+        raise CheckpointError(
+            f"{path} does not load as safetensors ({type(error).__name__}: {error}); the file "
+            "is truncated or corrupt"
+        ) from None
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, as hex."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """Record the size and SHA-256 of every file under `directory` in directory/manifest.json.
+    Call it last, when every process has written its files and before the directory is renamed
+    into place, so that the manifest describes the checkpoint as it was saved."""
+    directory = Path(directory)
+    files = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            name = path.relative_to(directory).as_posix()
+            files[name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    _write_json(directory / MANIFEST, {"version": 1, "files": files})
+
+
+def required_files(accelerator, processes: int | None = None) -> list[str]:
+    """The files a checkpoint in linvid's own format must hold to resume `processes`
+    processes (default: this run's), besides the trainer's own."""
+    names = [MODEL_FILE, OPTIMIZER_TENSORS, OPTIMIZER_JSON, SCHEDULER_JSON]
+    for rank in range(accelerator.num_processes if processes is None else processes):
+        names += rng_files(rank)
+    if accelerator.scaler is not None:
+        names.append(SCALER_JSON)
+    return names
+
+
+def verify_checkpoint(directory: Path, required: tuple[str, ...] | list[str] = ()) -> None:
+    """Check that a checkpoint reads back whole before anything is loaded from it: every name
+    in `required` is a file; the manifest, when there is one (checkpoints of older linvid
+    versions have none), parses and matches each listed file's size and SHA-256; every JSON
+    file parses; every safetensors file's header and tensors load, and every floating tensor
+    is finite. Raises CheckpointError naming the file and what is wrong with it."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    for name in required:
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory / name} is missing")
+    manifest = directory / MANIFEST
+    if manifest.is_file():
+        listed = read_json(manifest)
+        if not isinstance(listed, dict) or not isinstance(listed.get("files"), dict):
+            raise CheckpointError(f"{manifest} does not list the checkpoint's files")
+        for name, expected in sorted(listed["files"].items()):
+            path = directory / name
+            if not isinstance(expected, dict):
+                raise CheckpointError(f"{manifest} lists {name!r} without its size and SHA-256")
+            if not path.is_file():
+                raise CheckpointError(f"{path} is missing (listed in {manifest})")
+            size = path.stat().st_size
+            if size != expected.get("bytes"):
+                raise CheckpointError(
+                    f"{path} has {size} bytes, {expected.get('bytes')} were saved "
+                    f"({MANIFEST}); the file is truncated or was changed"
+                )
+            if file_sha256(path) != expected.get("sha256"):
+                raise CheckpointError(
+                    f"{path} does not match the SHA-256 recorded when it was saved "
+                    f"({MANIFEST}); the file is corrupt or was changed"
+                )
+    for path in sorted(directory.rglob("*.json")):
+        read_json(path)
+    for path in sorted(directory.rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                names = list(file.keys())
+                for name in names:
+                    tensor = file.get_tensor(name)
+                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                        raise CheckpointError(
+                            f"{path} holds non-finite values (NaN or inf) in tensor {name!r}"
+                        )
+        except CheckpointError:
+            raise
+        except Exception as error:  # SafetensorError derives from Exception only
+            raise CheckpointError(
+                f"{path} does not load as safetensors ({type(error).__name__}: {error}); the "
+                "file is truncated or corrupt"
+            ) from None
 
 
 def save_training_state(directory: Path, accelerator, model, optimizer, scheduler) -> None:
@@ -127,8 +241,9 @@ def save_training_state(directory: Path, accelerator, model, optimizer, schedule
 
 
 def load_training_state(directory: Path, accelerator, model, optimizer, scheduler) -> None:
-    """Restore what `save_training_state` wrote; a missing file raises CheckpointError."""
-    from safetensors.torch import load_file, load_model
+    """Restore what `save_training_state` wrote; a missing, truncated or corrupt file raises
+    CheckpointError naming it."""
+    from safetensors.torch import load_model
 
     directory = Path(directory)
     if not uses_own_format(accelerator):
@@ -146,11 +261,21 @@ def load_training_state(directory: Path, accelerator, model, optimizer, schedule
                 "accelerate's save_state files instead)"
             )
 
-    load_model(accelerator.unwrap_model(model), str(directory / MODEL_FILE), strict=True)
+    try:
+        load_model(accelerator.unwrap_model(model), str(directory / MODEL_FILE), strict=True)
+    except RuntimeError as error:  # keys or shapes of another model
+        raise CheckpointError(
+            f"{directory / MODEL_FILE} does not fit this run's student ({error})"
+        ) from None
+    except Exception as error:  # SafetensorError derives from Exception only
+        raise CheckpointError(
+            f"{directory / MODEL_FILE} does not load as safetensors ({type(error).__name__}: "
+            f"{error}); the file is truncated or corrupt"
+        ) from None
 
     inner = _torch_optimizer(optimizer)
-    saved = _read_json(directory / OPTIMIZER_JSON)
-    tensors = load_file(str(directory / OPTIMIZER_TENSORS))
+    saved = read_json(directory / OPTIMIZER_JSON)
+    tensors = _load_tensors(directory / OPTIMIZER_TENSORS)
     state = {}
     for index, entry in saved["state"].items():
         values = dict(entry["values"])
@@ -178,13 +303,13 @@ def load_training_state(directory: Path, accelerator, model, optimizer, schedule
     # "step" counters stay on the CPU unless the group is fused/capturable), as torch does.
     inner.load_state_dict({"state": state, "param_groups": groups})
 
-    _torch_scheduler(scheduler).load_state_dict(_read_json(directory / SCHEDULER_JSON))
+    _torch_scheduler(scheduler).load_state_dict(read_json(directory / SCHEDULER_JSON))
     if accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(_read_json(directory / SCALER_JSON))
+        accelerator.scaler.load_state_dict(read_json(directory / SCALER_JSON))
 
     tensors_file, json_file = rng_files(accelerator.process_index)
-    generators = load_file(str(directory / tensors_file))
-    states = _read_json(directory / json_file)
+    generators = _load_tensors(directory / tensors_file)
+    states = read_json(directory / json_file)
     torch.set_rng_state(generators["torch"])
     cuda = [generators[f"cuda.{d}"] for d in range(len(generators)) if f"cuda.{d}" in generators]
     if cuda and torch.cuda.is_available():

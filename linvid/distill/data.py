@@ -16,6 +16,9 @@ directly when it is read in this process (num_workers=0), and through
 `dataset.record_skipped(batch)` for batches made in DataLoader workers (each worker holds its
 own copy of the dataset); both are keyed by index, so a sample is counted once however often
 it is read. A batch whose samples were all bad has no "input_ids": the loop skips it.
+Missing video files need no decoding to be found: `missing_videos` lists them for a whole
+data set up front (the trainer stops on them, or reports them once and marks them skipped
+with `skip_known`).
 
 Padding is on the right (the usual layout for training: positions start at 0 in every row);
 the attention mask marks the padding, which Qwen2.5-VL's 3-D positions respect.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import uuid
 import warnings
@@ -148,6 +152,39 @@ def _parse_line(line: str, source: str, root: str) -> Sample:
     )
 
 
+def missing_videos(samples: Sequence[Sample]) -> dict[int, str]:
+    """The samples whose video cannot be read, found with cheap checks only (the path exists,
+    is a regular file and is not empty; nothing is opened or decoded, so a whole data set is
+    checked in about one `stat` per distinct video): sample index -> reason, naming the file
+    and the sample's data line ("file:line", `Sample.source`). What these checks pass can
+    still turn out undecodable when the sample is read (see "Bad samples" above)."""
+    problems: dict[str, str | None] = {}
+    missing = {}
+    for index, sample in enumerate(samples):
+        if sample.video not in problems:
+            problems[sample.video] = _video_file_problem(sample.video)
+        problem = problems[sample.video]
+        if problem is not None:
+            missing[index] = f"{sample.source}: video {sample.video} {problem}"
+    return missing
+
+
+def _video_file_problem(path: str) -> str | None:
+    """Why `path` cannot be a video file ("does not exist", "is not a file", "is empty"), or
+    None."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as error:
+        return f"cannot be read ({error.strerror})"
+    if not stat.S_ISREG(status.st_mode):
+        return "is not a file"
+    if status.st_size == 0:
+        return "is empty"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Dataset
 
@@ -242,6 +279,14 @@ class VideoConversationDataset(torch.utils.data.Dataset):
         """Remember the bad samples a batch from `collate` reports (DataLoader workers)."""
         for index, reason in batch.get("skipped", ()):
             self._skip(index, reason)
+
+    def skip_known(self, reasons: Mapping[int, str]) -> None:
+        """Mark samples already found bad (`missing_videos`, reported up front) as skipped,
+        without another warning: they are never read. Ignored with `fail_on_bad_samples`."""
+        if self.fail_on_bad_samples:
+            return
+        for index, reason in reasons.items():
+            self._skipped.setdefault(index, reason)
 
     def collate(self, batch: Sequence) -> dict:
         """`collate` with this tokenizer's pad id (a DataLoader's collate_fn)."""

@@ -22,8 +22,24 @@ renamed, so a directory with that name is always complete:
   student_trainable.safetensors the stage's trainable weights (safetensors)
   trainer_state.json           stage index, stage step, global step, data position (epoch,
                                batch index), skipped samples
+  manifest.json                every other file's size and SHA-256, written last
 No pickles: `linvid.distill.checkpoint` writes and reads these with safetensors and JSON. FSDP
 and DeepSpeed runs write accelerate's own (sharded, partly pickled) save_state format instead.
+A checkpoint whose weights are not finite is never written (the run stops instead); an old
+checkpoint is renamed to tmp-... before it is deleted, and one that replaces another goes
+through `linvid.outputs.replace_path`, so an interrupt never leaves a partial step-N.
+
+The run directory follows the output rule (linvid/outputs.py), checked before any model loads
+(`check_run_directory`): --out is never a --teacher/--student input; a new run needs an empty
+or missing --out, or --overwrite (the earlier run's checkpoints and logs are then dropped when
+the new run starts, its student/ is replaced only when the new one is saved whole); --resume
+needs a run to resume. The final student is built in RUN_DIR/.student.partial-* and renamed.
+Resuming verifies the newest checkpoint file by file (`verify_checkpoint`) and falls back to
+the previous one when it does not read back whole, moving the unusable one to
+checkpoints/unusable-step-N with a warning that says why. Every sample's video file is checked
+to exist before any model loads (`check_videos`): a stage with `fail_on_bad_samples` stops
+there, naming the files and their data lines; other stages warn once and skip them. Ctrl-C
+keeps every finished checkpoint: rerun with --resume.
 
 Token compression (paper 002, TimeViper), for Qwen2.5-VL students:
 - a recipe's `transv` schedule is applied to the student once, before the first stage, with
@@ -54,17 +70,29 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from linvid.distill.checkpoint import load_training_state, save_training_state
+from linvid.distill.checkpoint import (
+    CheckpointError,
+    load_training_state,
+    read_json,
+    required_files,
+    save_training_state,
+    uses_own_format,
+    verify_checkpoint,
+    write_manifest,
+)
 from linvid.distill.data import (
     IGNORE_INDEX,
     VideoConversationDataset,
     cached_video_features,
+    missing_videos,
     model_inputs,
     read_conversations,
 )
@@ -79,9 +107,21 @@ from linvid.distill.recipe import (
     lr_scheduler,
     make_optimizer,
 )
+from linvid.models.directory import TEACHER_MODEL_TYPES, check_model_directory
+from linvid.outputs import (
+    OutputExistsError,
+    atomic_directory,
+    atomic_write_text,
+    check_output,
+    replace_path,
+)
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+STATE_KEYS = ("stage_index", "stage_step", "global_step", "epoch", "batch_index")
+RUN_ONLY_KEYS = ("out", "checkpoint")  # in the loop's state, never saved in a checkpoint
+UNUSABLE = "unusable-"  # prefix of a checkpoint moved aside because it does not read back
+MAX_LISTED = 20  # bad samples named in one message
 # Test-only: seconds to sleep after every optimizer step, so a test can kill a run mid-stage.
 SLOW_STEP_VARIABLE = "LINVID_TEST_SLOW_STEP_SECONDS"
 SEQUENCE_MIN_NEW_TOKENS = 16  # the teacher's greedy answers may run this long at least
@@ -97,7 +137,10 @@ class RunOptions:
     reads each part's file. num_frames / fps / min_pixels / max_pixels: video sampling as in
     `VideoConversationDataset`. feature_cache: keep the vision tower's outputs on disk for the
     stages that can use them (`stage_feature_cache`), in feature_cache_dir (default
-    RUN_DIR/vision_features; share it between runs of students of one teacher).
+    RUN_DIR/vision_features; share it between runs of students of one teacher). resume: go on
+    from the newest usable checkpoint in `out` (a run stopped before its first one starts over).
+    overwrite: let a new run (or a resume of a finished run without checkpoints) replace the
+    earlier run in `out` (see `check_run_directory`).
     """
 
     teacher: str
@@ -106,6 +149,7 @@ class RunOptions:
     student: str | None = None
     plan: str | None = None
     resume: bool = False
+    overwrite: bool = False
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     max_steps: int | None = None
@@ -172,20 +216,244 @@ def check_recipe(recipe: Recipe) -> None:
                 )
 
 
+def check_model_directories(options: RunOptions) -> None:
+    """Refuse a --teacher (a Qwen2.5-VL directory with its tokenizer) or --student (a saved
+    linvid model) that is not a local model directory, naming the option and the path
+    (`linvid.models.directory.check_model_directory`): models are read with
+    local_files_only, so a mistyped path is named as missing, never sent to a model hub."""
+    check_model_directory(
+        options.teacher, "--teacher", tokenizer=True, model_types=TEACHER_MODEL_TYPES
+    )
+    if options.student is not None:
+        check_model_directory(options.student, "--student")
+
+
+def run_checkpoints(out: Path) -> list[Path]:
+    """The checkpoint directories of a run (checkpoints/step-*), newest first. Each was
+    renamed into place whole; whether it still reads back is `usable_checkpoint`'s question."""
+    folder = Path(out) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    return sorted((path for path in folder.glob("step-*") if path.is_dir()), reverse=True)
+
+
+def check_run_directory(options: RunOptions) -> list[Path]:
+    """Check what `options.out` may be used for before anything is read or written, and
+    return the checkpoints a resume may start from (newest first; [] for a new run).
+
+    --out is never a --teacher/--student input (nor holds one or lies inside one), not even
+    with --overwrite. With --resume, --out must hold a run: a missing or empty --out is
+    refused (nothing to resume, most likely a mistyped path) and so is a finished run
+    (student/) without checkpoints unless --overwrite; a run stopped before its first
+    checkpoint starts over from step 0. A new run needs a missing or empty --out, or
+    --overwrite: an earlier run's checkpoints ask for --resume or --overwrite, its student/
+    and any other content for --overwrite."""
+    out = Path(options.out)
+    check_output(out, overwrite=True, inputs=(options.teacher, options.student))
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: expected a run directory")
+    checkpoints = run_checkpoints(out)
+    student = out / "student"
+    if options.resume:
+        if not out.exists() or not any(out.iterdir()):
+            problem = "does not exist" if not out.exists() else "is empty"
+            raise ValueError(
+                f"--resume: --out {out} {problem}, so there is nothing to resume; check the "
+                "path, or drop --resume to start a new run there"
+            )
+        if not checkpoints and student.exists() and not options.overwrite:
+            raise OutputExistsError(
+                f"--resume: --out {out} holds a finished run ({student}) and no checkpoint to "
+                "resume from; pass --overwrite to run it again and replace its student, or "
+                "choose another --out"
+            )
+        return checkpoints
+    if options.overwrite:
+        return []
+    if checkpoints:
+        raise OutputExistsError(
+            f"--out {out} already holds checkpoints of another run (newest: "
+            f"{checkpoints[0].name}); pass --resume to continue it, --overwrite to start "
+            "afresh (its checkpoints are dropped), or choose a new --out"
+        )
+    if student.exists():
+        raise OutputExistsError(
+            f"--out {out} holds the student of an earlier run ({student}); pass --overwrite to "
+            "replace it (only once the new one is saved whole), or choose another --out"
+        )
+    if (out / "metrics.jsonl").exists():
+        raise OutputExistsError(
+            f"--out {out} holds a run stopped before its first checkpoint; pass --resume to "
+            "run it again from step 0, --overwrite to start afresh, or choose another --out"
+        )
+    check_output(out, overwrite=False)
+    return []
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or directory of the run; a directory is first renamed to a hidden
+    `.NAME.removing-*` beside it, so an interrupt never leaves it half-deleted under its
+    name."""
+    if path.is_dir():
+        aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.removing-", dir=path.parent))
+        os.replace(path, aside / path.name)
+        shutil.rmtree(aside)
+    elif path.exists():
+        path.unlink()
+
+
+def clear_earlier_run(out: Path) -> None:
+    """Start afresh (--overwrite) in the --out of an earlier run: drop its checkpoints, the
+    teacher's stored answers, metrics and loss plots. Its student/ stays until the new one
+    replaces it whole; the vision feature cache (keyed by the tower's weights and each video's
+    file) stays too."""
+    for path in (out / CHECKPOINTS, out / "teacher_decodes", out / "metrics.jsonl"):
+        _remove(path)
+    for plot in out.glob("loss_*.png"):
+        _remove(plot)
+
+
+def _listing(reasons: list[str]) -> str:
+    """At most MAX_LISTED reasons, then how many more."""
+    shown = "; ".join(reasons[:MAX_LISTED])
+    if len(reasons) > MAX_LISTED:
+        shown += f"; and {len(reasons) - MAX_LISTED} more"
+    return shown
+
+
+def check_videos(recipe: Recipe, options: RunOptions, *, report: bool = True) -> None:
+    """Check every sample's video file of every stage before any model loads
+    (`missing_videos`: exists, is a file, is not empty; nothing is decoded). A stage with
+    `fail_on_bad_samples` stops the run here, naming the files and their data lines; for the
+    other stages one warning (when `report`) lists the samples they will skip."""
+    found: dict[tuple[str, ...], tuple[int, dict[int, str], list[str]]] = {}
+    for stage in recipe.stages:
+        files = tuple(stage_data_files(stage, options))
+        if files not in found:
+            samples = [sample for path in files for sample in read_conversations(path)]
+            found[files] = (len(samples), missing_videos(samples), [])
+        count, missing, skipping = found[files]
+        if not missing:
+            continue
+        if stage.fail_on_bad_samples:
+            raise ValueError(
+                f"stage {stage.name!r} stops on bad samples (fail_on_bad_samples: true) and "
+                f"{len(missing)} of its {count} samples have no video file: "
+                f"{_listing(list(missing.values()))}. Fix the paths in the data, or set "
+                "'fail_on_bad_samples: false' to skip these samples"
+            )
+        skipping.append(stage.name)
+    if not report:
+        return
+    for count, missing, skipping in found.values():
+        if skipping:
+            warnings.warn(
+                f"stage(s) {', '.join(map(repr, skipping))} will skip {len(missing)} of their "
+                f"{count} samples, whose video file is missing (fail_on_bad_samples: false): "
+                f"{_listing(list(missing.values()))}",
+                stacklevel=2,
+            )
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    """A checkpoint's trainer_state.json; CheckpointError naming the file when it does not
+    parse or lacks a position."""
+    path = Path(checkpoint) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    state = read_json(path)
+    if not isinstance(state, dict) or not all(
+        isinstance(state.get(key), int) for key in STATE_KEYS
+    ):
+        raise CheckpointError(
+            f"{path} does not hold the run's position (integers {', '.join(STATE_KEYS)})"
+        )
+    return state
+
+
+def _move_aside(checkpoint: Path) -> Path:
+    """Rename an unusable checkpoint to unusable-<name> beside it (kept for inspection,
+    never resumed from or pruned instead of a good one)."""
+    target = checkpoint.with_name(UNUSABLE + checkpoint.name)
+    number = 1
+    while target.exists():
+        number += 1
+        target = checkpoint.with_name(f"{UNUSABLE}{checkpoint.name}-{number}")
+    os.replace(checkpoint, target)
+    return target
+
+
+def usable_checkpoint(candidates: list[Path], accelerator) -> Path | None:
+    """The newest of `candidates` (newest first) that reads back whole (`verify_checkpoint`
+    and `read_trainer_state`), or None when there are none. Newer ones that do not are moved
+    to checkpoints/unusable-step-N and named, with the reason, in one warning. When none is
+    usable, CheckpointError names each one's bad file. The main process reads the files and
+    tells the others its choice."""
+    if not candidates:
+        return None
+    outcome: list = [None]
+    if accelerator.is_main_process:
+        required = [STATE_FILE]
+        if uses_own_format(accelerator):
+            required += required_files(accelerator)
+        skipped, chosen = [], None
+        for checkpoint in candidates:
+            try:
+                verify_checkpoint(checkpoint, required)
+                read_trainer_state(checkpoint)
+            except CheckpointError as error:
+                skipped.append((checkpoint, str(error)))
+                continue
+            chosen = checkpoint
+            break
+        if chosen is None:
+            reasons = "; ".join(f"{path.name}: {reason}" for path, reason in skipped)
+            outcome = [
+                (
+                    "error",
+                    f"cannot resume: no checkpoint in {candidates[0].parent} reads back "
+                    f"whole ({reasons}); repair or remove them, or start afresh with "
+                    "--overwrite instead of --resume",
+                )
+            ]
+        else:
+            if skipped:
+                moved = [(path, _move_aside(path), reason) for path, reason in skipped]
+                warnings.warn(
+                    "; ".join(
+                        f"skipping checkpoint {path.name}, which does not read back whole "
+                        f"({reason}); moved it to {target}"
+                        for path, target, reason in moved
+                    )
+                    + f"; resuming from {chosen}",
+                    stacklevel=2,
+                )
+            outcome = [("checkpoint", str(chosen))]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(outcome)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise CheckpointError(value)
+    return Path(value)
+
+
 def build_models(options: RunOptions, recipe: Recipe):
     """(teacher in eval mode, student, tokenizer) from the run's directories."""
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     import linvid
 
-    for path, what in ((options.teacher, "teacher"), (options.student, "student")):
-        if path is not None and not os.path.isdir(path):
-            raise ValueError(f"{what} directory not found: {path}")
-    teacher = Qwen2_5_VLForConditionalGeneration.from_pretrained(options.teacher).eval()
+    check_model_directories(options)
+    # Local paths stay local: a directory is never looked up on a model hub.
+    teacher = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        options.teacher, local_files_only=True
+    ).eval()
     teacher.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(options.teacher)
+    tokenizer = AutoTokenizer.from_pretrained(options.teacher, local_files_only=True)
     if options.student is not None:
-        student = linvid.load(options.student)
+        student = linvid.load(options.student, local_files_only=True)
     else:
         plan = options.plan or recipe.student
         if plan is None:
@@ -441,6 +709,8 @@ def run_stage(
     transv = stage_transv(student, stage)
     feature_cache = stage_feature_cache(stage, student, teacher, options)
     dataset = make_dataset(options, stage, tokenizer, student.config, feature_cache)
+    # Missing videos were reported before the run (check_videos): never read them.
+    dataset.skip_known(missing_videos(dataset.samples))
     if len(dataset) < stage.batch_size:
         raise ValueError(
             f"stage {stage.name!r}: batch_size {stage.batch_size} exceeds the "
@@ -595,30 +865,51 @@ def check_finite(loss, values, stage: Stage, state: dict, accelerator) -> None:
         parts = ", ".join(f"{name}={float(value.detach()):.4g}" for name, value in values.items())
         raise FloatingPointError(
             f"stage {stage.name!r}, step {state['global_step'] + 1} (step "
-            f"{state['stage_step'] + 1} of the stage): the loss is not finite ({parts}); the "
-            f"last good checkpoint is {latest_checkpoint(Path(state['out']))}"
+            f"{state['stage_step'] + 1} of the stage): the loss is not finite ({parts}); "
+            + last_good(state)
         )
 
 
+def last_good(state: dict) -> str:
+    """Where a stopped run can go on from: the checkpoint this run last saved or resumed
+    from (saved with finite weights, or verified when resumed), never one merely found on
+    disk."""
+    if state.get("checkpoint") is None:
+        return "there is no checkpoint of this run yet"
+    return f"the last good checkpoint is {state['checkpoint']}"
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint of a run (renamed into place, so complete), or None."""
-    folder = out / CHECKPOINTS
-    if not folder.is_dir():
-        return None
-    done = sorted(path for path in folder.glob("step-*") if (path / STATE_FILE).is_file())
-    return done[-1] if done else None
+    """The newest checkpoint directory of a run, or None (not verified: see
+    `usable_checkpoint`)."""
+    checkpoints = run_checkpoints(Path(out))
+    return checkpoints[0] if checkpoints else None
 
 
 def save_checkpoint(
     model, optimizer, scheduler, accelerator, options: RunOptions, state: dict
 ) -> None:
-    """Write the checkpoint of `state` atomically (temporary directory, then rename) and keep
-    only the newest `keep_checkpoints`."""
+    """Write the checkpoint of `state` atomically (temporary directory with its manifest, then
+    rename) and keep only the newest `keep_checkpoints`; an older one is renamed to tmp-...
+    before it is deleted. Weights that are not finite stop the run instead of being saved."""
     from safetensors.torch import save_file
 
     folder = Path(options.out) / CHECKPOINTS
     name = f"step-{state['global_step']:08d}"
     temporary = folder / f"tmp-{state['global_step']:08d}"
+    unwrapped = accelerator.unwrap_model(model)
+    broken = [
+        key
+        for key, value in unwrapped.named_parameters()
+        if value.requires_grad and not bool(torch.isfinite(value.detach()).all())
+    ]
+    flag = torch.tensor(float(bool(broken)), device=accelerator.device)
+    if accelerator.reduce(flag, reduction="sum") > 0:
+        raise FloatingPointError(
+            f"step {state['global_step']}: the trained weights are not finite "
+            f"({', '.join(broken[:5]) or 'on another process'}); no checkpoint is written for "
+            f"this step; {last_good(state)}"
+        )
     if accelerator.is_main_process:
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
@@ -626,20 +917,23 @@ def save_checkpoint(
     save_training_state(temporary, accelerator, model, optimizer, scheduler)
     accelerator.wait_for_everyone()  # every process's RNG files are in before the rename
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
         trainable = {
             key: value.detach().cpu().contiguous()
             for key, value in unwrapped.named_parameters()
             if value.requires_grad
         }
         save_file(trainable, str(temporary / "student_trainable.safetensors"))
-        saved = {key: value for key, value in state.items() if key != "out"}
+        saved = {key: value for key, value in state.items() if key not in RUN_ONLY_KEYS}
         (temporary / STATE_FILE).write_text(json.dumps(saved, indent=2))
-        if (folder / name).exists():  # written by an earlier attempt that was resumed
-            shutil.rmtree(folder / name)
-        os.replace(temporary, folder / name)
+        write_manifest(temporary)  # last: it records every file as saved
+        # One written by an earlier attempt that was resumed is renamed aside, then removed.
+        replace_path(temporary, folder / name)
         for old in sorted(folder.glob("step-*"))[: -options.keep_checkpoints]:
-            shutil.rmtree(old)
+            doomed = folder / f"tmp-old-{old.name}"
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(old, doomed)  # never half-deleted under its own name
+            shutil.rmtree(doomed)
+    state["checkpoint"] = str(folder / name)
     accelerator.wait_for_everyone()
 
 
@@ -665,9 +959,28 @@ def plot_stage(out: Path, stage_name: str) -> None:
     plt.close(figure)
 
 
+def kept_metrics(metrics: Path, step: int) -> str:
+    """The lines of metrics.jsonl up to `step` (a resumed run's), without a last line cut
+    short by a kill."""
+    kept = []
+    for line in metrics.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line + "\n")
+    return "".join(kept)
+
+
 def distill(recipe: Recipe, options: RunOptions) -> Path:
-    """Run every stage of `recipe` (from the latest checkpoint with `options.resume`) and save
-    the student to RUN_DIR/student. Returns that directory."""
+    """Run every stage of `recipe` (from the newest usable checkpoint with `options.resume`)
+    and save the student to RUN_DIR/student, built beside it and renamed into place. Returns
+    that directory.
+
+    Before any model loads: the recipe, every stage's data file and video files
+    (`check_videos`), the --teacher/--student directories and what --out may be used for
+    (`check_run_directory`), and the checkpoint to resume from (`usable_checkpoint`)."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from tqdm import tqdm
@@ -675,32 +988,37 @@ def distill(recipe: Recipe, options: RunOptions) -> Path:
     check_recipe(recipe)
     for stage in recipe.stages:  # every stage's data, before any model is loaded
         stage_data_files(stage, options)
+    check_model_directories(options)
+    candidates = check_run_directory(options)
     out = Path(options.out)
     accelerator = Accelerator(
         gradient_accumulation_steps=recipe.stages[0].gradient_accumulation,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
-    checkpoint = latest_checkpoint(out)
-    if checkpoint is not None and not options.resume:
-        raise ValueError(
-            f"{out} already holds checkpoints of another run; pass --resume to continue it "
-            "or choose a new --out"
+    check_videos(recipe, options, report=accelerator.is_main_process)
+    checkpoint = usable_checkpoint(candidates, accelerator)
+    if options.resume and checkpoint is None and accelerator.is_main_process:
+        warnings.warn(
+            f"--resume: {out} holds no checkpoint yet; the run starts over from step 0",
+            stacklevel=2,
         )
     set_seed(options.seed)
     teacher, student, tokenizer = build_models(options, recipe)
-    state = {"stage_index": 0, "stage_step": 0, "global_step": 0, "epoch": 0, "batch_index": 0}
+    state = {key: 0 for key in STATE_KEYS}
     if checkpoint is not None:
-        state.update(json.loads((checkpoint / STATE_FILE).read_text()))
+        state.update(read_trainer_state(checkpoint))
     state["out"] = str(out)
+    state["checkpoint"] = None if checkpoint is None else str(checkpoint)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        if options.overwrite and not options.resume:
+            clear_earlier_run(out)
         for stale in (out / CHECKPOINTS).glob("tmp-*"):
             shutil.rmtree(stale)
         metrics = out / "metrics.jsonl"
         # Keep the lines up to the resumed step; a fresh run starts a new file.
-        lines = metrics.read_text().splitlines() if metrics.exists() and checkpoint else []
-        kept = [line for line in lines if json.loads(line)["step"] <= state["global_step"]]
-        metrics.write_text("".join(line + "\n" for line in kept))
+        resumed = checkpoint is not None and metrics.exists()
+        atomic_write_text(metrics, kept_metrics(metrics, state["global_step"]) if resumed else "")
     accelerator.wait_for_everyone()
 
     planned = sum(stage.steps or 0 for stage in recipe.stages) or None
@@ -712,27 +1030,32 @@ def distill(recipe: Recipe, options: RunOptions) -> Path:
         disable=not accelerator.is_main_process,
         desc="distill",
     )
-    for stage_index, stage in enumerate(recipe.stages):
-        if stage_index < state["stage_index"]:
-            continue
-        resume_from = checkpoint if stage_index == state["stage_index"] else None
-        student = run_stage(
-            stage_index,
-            stage,
-            student,
-            teacher,
-            tokenizer,
-            accelerator,
-            options,
-            resume_from,
-            state,
-            progress,
-        )
-        checkpoint = None
-    progress.close()
+    try:  # on Ctrl-C too, close the bar: the CLI's message starts on a line of its own
+        for stage_index, stage in enumerate(recipe.stages):
+            if stage_index < state["stage_index"]:
+                continue
+            resume_from = checkpoint if stage_index == state["stage_index"] else None
+            student = run_stage(
+                stage_index,
+                stage,
+                student,
+                teacher,
+                tokenizer,
+                accelerator,
+                options,
+                resume_from,
+                state,
+                progress,
+            )
+            checkpoint = None
+    finally:
+        progress.close()
     destination = out / "student"
     if accelerator.is_main_process:
-        student.save_pretrained(destination)
-        tokenizer.save_pretrained(destination)
+        # Built beside it and renamed: an interrupted save leaves the earlier student whole.
+        inputs = (options.teacher, options.student)
+        with atomic_directory(destination, overwrite=True, inputs=inputs) as work:
+            student.save_pretrained(work)
+            tokenizer.save_pretrained(work)
     accelerator.wait_for_everyone()
     return destination

@@ -12,6 +12,7 @@ Two ways to read the video:
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -34,6 +35,7 @@ from linvid.models.qwen_video import (
     video_inputs,
     video_token_count,
 )
+from linvid.video.qwen_sampling import FPS_MAX_FRAMES, FRAME_FACTOR
 
 STREAMING_MIXERS = ("rwkv6", "mamba2")
 
@@ -405,6 +407,79 @@ def default_style(model) -> str:
     return "standard"
 
 
+def check_ask_options(
+    *,
+    fps: float | None = None,
+    num_frames: int | None = None,
+    max_frames: int | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    chunk_frames: int | None = None,
+    tokens_per_frame: int | None = None,
+) -> None:
+    """Refuse `linvid ask` option values no run can use, before anything is loaded, decoded
+    or allocated: counts that are not integers >= 1 (min_pixels >= 0), an fps that is not a
+    finite number > 0, and min_pixels above max_pixels. Raises ValueError naming the
+    command's options (--num-frames, --min-pixels, ...) and what they expect."""
+    for option, value, lowest in (
+        ("--num-frames", num_frames, 1),
+        ("--max-frames", max_frames, 1),
+        ("--min-pixels", min_pixels, 0),
+        ("--max-pixels", max_pixels, 1),
+        ("--chunk-frames", chunk_frames, 1),
+        ("--tokens-per-frame", tokens_per_frame, 1),
+    ):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+            raise ValueError(f"{option} must be an integer >= {lowest}, got {value!r}")
+    if fps is not None and not (
+        isinstance(fps, int | float)
+        and not isinstance(fps, bool)
+        and math.isfinite(fps)
+        and fps > 0
+    ):
+        raise ValueError(f"--fps must be a finite number of frames per second > 0, got {fps!r}")
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        raise ValueError(
+            f"--min-pixels {min_pixels} is above --max-pixels {max_pixels}: every frame is "
+            "resized to between --min-pixels and --max-pixels pixels, so --min-pixels must be "
+            "at most --max-pixels"
+        )
+
+
+def fit_frame_count(
+    num_frames: int | None, max_frames: int, info: dict, sampling: str, warn
+) -> int | None:
+    """The frame count to sample for `--num-frames num_frames`: at most `max_frames`, and for
+    sampling "qwen" at most the video's frames (Qwen sampling reads each frame once; rounded
+    down to an even count). `warn(message)` is told, in one line, when the count is capped or
+    when "timestamps" sampling will repeat frames of a video shorter than asked. info:
+    `probe_video`'s result."""
+    if num_frames is None:
+        return None
+    notes = []
+    if num_frames > max_frames:
+        notes.append(f"--num-frames {num_frames} is capped at --max-frames {max_frames}")
+        num_frames = max_frames
+    available = info["total_frames"]
+    if num_frames > available:
+        video = f"video {info['path']} has {available} frames, fewer than {num_frames}"
+        if sampling == "qwen" and available >= FRAME_FACTOR:
+            num_frames = available - available % FRAME_FACTOR
+            notes.append(f"{video}: sampling {num_frames} (Qwen sampling takes each frame once)")
+        elif sampling != "qwen":
+            times = num_frames / available
+            notes.append(f"{video}: frames repeat (each about {times:.1f} times)")
+    if notes:
+        warn("; ".join(notes))
+    return num_frames
+
+
+def _print_warning(message: str) -> None:
+    print(f"linvid ask: warning: {message}", file=sys.stderr)
+
+
 def ask_video_file(
     model_dir: str,
     video: str,
@@ -412,7 +487,7 @@ def ask_video_file(
     *,
     fps: float | None = 1.0,
     num_frames: int | None = None,
-    max_frames: int | None = None,
+    max_frames: int | None = FPS_MAX_FRAMES,
     max_pixels: int = MAX_PIXELS,
     min_pixels: int = MIN_PIXELS,
     max_new_tokens: int = 32,
@@ -422,22 +497,54 @@ def ask_video_file(
     tokens_per_frame: int | None = None,
     sampling: str = "qwen",
     progress: bool = False,
+    warn=_print_warning,
 ) -> tuple[Answer, dict]:
     """Load a local model directory (and its processor or tokenizer), sample `video`, answer
-    `question`.
+    `question`. The work of `linvid ask`: errors name its options.
 
     Frames are sampled and sized as qwen-vl-utils does (sampling "qwen": the frames, grid and
     second_per_grid_ts Qwen2.5-VL's own pipeline gives), or with linvid's "timestamps" plan.
     Streaming students read the video frame by frame in chunks of `chunk_frames` (rounded up
     to the temporal patch); other models load the sampled frames at once. Returns the Answer
-    and a description of the run (model class, frames, streaming, processor)."""
+    and a description of the run (model class, frames, streaming, processor).
+
+    Everything that can be checked is checked before the model is loaded or a frame decoded:
+    the options (`check_ask_options`), the model directory (`check_model_directory`: a local
+    Qwen2.5-VL-style model with safetensors weights and tokenizer files), the video and its
+    sampling plan. max_frames (None: FPS_MAX_FRAMES, 768, Qwen's cap) caps fps sampling and
+    num_frames alike (`fit_frame_count`); `warn(message)` (default: one line on stderr) is
+    told when a count is capped or frames would repeat."""
     from transformers import AutoTokenizer
 
     from linvid.models.convert import load
+    from linvid.models.directory import check_model_directory
     from linvid.video.io import iter_video_frames, load_video, probe_video, sampling_plan
 
+    max_frames = FPS_MAX_FRAMES if max_frames is None else max_frames
+    check_ask_options(
+        fps=fps,
+        num_frames=num_frames,
+        max_frames=max_frames,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        chunk_frames=chunk_frames,
+        tokens_per_frame=tokens_per_frame,
+    )
+    check_model_directory(model_dir, "--model", tokenizer=True)
+    info = probe_video(video)
+    num_frames = fit_frame_count(num_frames, max_frames, info, sampling, warn)
+    sampling_options = {
+        "fps": fps,
+        "num_frames": num_frames,
+        "max_frames": max_frames,
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
+        "sampling": sampling,
+    }
+    plan = sampling_plan(info, **sampling_options)
+
     started = time.perf_counter()
-    model = load(model_dir, local_files_only=True).eval()
+    model = load(model_dir, local_files_only=True, use_safetensors=True).eval()
     processor = load_processor(model_dir)
     tokenizer = (
         processor.tokenizer
@@ -448,15 +555,6 @@ def ask_video_file(
     style = default_style(model) if style == "auto" else style
     if stream is None:
         stream = can_stream(model) and tokens_per_frame is None
-    sampling_options = {
-        "fps": fps,
-        "num_frames": num_frames,
-        "max_frames": max_frames,
-        "min_pixels": min_pixels,
-        "max_pixels": max_pixels,
-        "sampling": sampling,
-    }
-    plan = sampling_plan(probe_video(video), **sampling_options)
     if stream:
         temporal = model.config.vision_config.temporal_patch_size
         chunk_frames = -(-chunk_frames // temporal) * temporal
@@ -468,20 +566,24 @@ def ask_video_file(
             frames = tqdm(frames, desc="prefill", unit="chunk", total=total, file=sys.stderr)
     else:
         frames, _ = load_video(video, **sampling_options)
-    answer = ask(
-        model,
-        tokenizer,
-        frames,
-        question,
-        style=style,
-        max_new_tokens=max_new_tokens,
-        stream=stream,
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
-        tokens_per_frame=tokens_per_frame,
-        sample_fps=plan.sample_fps,
-        processor=processor,
-    )
+    try:
+        answer = ask(
+            model,
+            tokenizer,
+            frames,
+            question,
+            style=style,
+            max_new_tokens=max_new_tokens,
+            stream=stream,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            tokens_per_frame=tokens_per_frame,
+            sample_fps=plan.sample_fps,
+            processor=processor,
+        )
+    finally:
+        if hasattr(frames, "close"):  # the progress bar ends here, also on Ctrl-C or an error
+            frames.close()
     answer.seconds["load_model"] = loaded - started
     answer.seconds["total"] = time.perf_counter() - started
     run = {

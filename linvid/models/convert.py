@@ -4,10 +4,18 @@
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+from pathlib import Path
 
 from torch import nn
 from transformers import AutoModelForImageTextToText, Qwen2_5_VLForConditionalGeneration
 
+from linvid.models.directory import (
+    TEACHER_MODEL_TYPES,
+    check_model_directory,
+    decoder_layer_count,
+)
 from linvid.models.mixer_attention import ContextHolder
 from linvid.models.plan import ConversionPlan, resolve_plan
 from linvid.models.qwen2_5_vl import (
@@ -15,6 +23,7 @@ from linvid.models.qwen2_5_vl import (
     LinvidQwen2_5_VLForConditionalGeneration,
     replace_layers,
 )
+from linvid.outputs import atomic_directory, check_output
 
 SUPPORTED = (Qwen2_5_VLForConditionalGeneration,)
 
@@ -54,8 +63,45 @@ def convert(model: nn.Module, plan: ConversionPlan | str | dict, *, in_place: bo
 
 
 def load(path: str, **kwargs):
-    """Load a saved linvid student (or any model the Auto classes know) from a directory."""
+    """Load a saved linvid student (or any model the Auto classes know) from a directory.
+
+    Weights are read from safetensors only (use_safetensors=True: a pickle checkpoint is never
+    unpickled), and a local directory is read with local_files_only=True (never looked up on
+    a model hub); both can be overridden through kwargs. A student whose checkpoint does not
+    fit its config.json plan raises StudentWeightsError (see the student class's
+    from_pretrained)."""
+    kwargs.setdefault("use_safetensors", True)
+    if os.path.isdir(path):
+        kwargs.setdefault("local_files_only", True)
     return AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+
+
+def parse_layers(text: str, depth: int | None = None, option: str = "--layers") -> tuple:
+    """Decoder layer indices from "0,2,5" (the `linvid convert --layers` value): a comma-
+    separated list of distinct integers, each in 0..depth-1 when the model's `depth` (its
+    number of decoder layers) is known. Raises ValueError naming `option`, the value and
+    what is expected."""
+    within = f" from 0 to {depth - 1}" if depth else ""
+    expected = f"comma-separated decoder layer indices (integers{within}), e.g. 0,2,5"
+    parts = [part.strip() for part in text.split(",")]
+    bad = [part for part in parts if not part.lstrip("-").isdigit()]
+    if bad:
+        shown = ", ".join(repr(part) for part in bad)
+        verb = "is not an integer" if len(bad) == 1 else "are not integers"
+        raise ValueError(f"{option} expects {expected}; got {text!r} ({shown} {verb})")
+    layers = tuple(int(part) for part in parts)
+    repeated = sorted({index for index in layers if layers.count(index) > 1})
+    if repeated:
+        raise ValueError(
+            f"{option} {text} names layers {repeated} more than once; expected {expected}"
+        )
+    outside = [index for index in layers if index < 0 or (depth and index >= depth)]
+    if outside:
+        model = f"the model has {depth} decoder layers" if depth else "indices start at 0"
+        raise ValueError(
+            f"{option} {text}: layers {outside} are out of range ({model}); expected {expected}"
+        )
+    return layers
 
 
 # Files of a checkpoint directory that describe tokenisation and preprocessing, copied next
@@ -74,23 +120,34 @@ PROCESSOR_FILE_PATTERNS = (
 )
 
 
-def convert_checkpoint(model_dir: str, plan, out_dir: str) -> str:
+def convert_checkpoint(model_dir: str, plan, out_dir: str, *, overwrite: bool = False) -> str:
     """Load a local checkpoint, convert it in place, save the student (safetensors) and the
-    tokenizer/processor files next to it. Returns out_dir."""
-    import shutil
-    from pathlib import Path
+    tokenizer/processor files next to it. Returns out_dir.
 
-    source = Path(model_dir)
-    if not (source / "config.json").is_file():
-        raise FileNotFoundError(f"no config.json in {model_dir}: expected a checkpoint directory")
+    Follows the output rule (linvid/outputs.py): everything is checked before the teacher is
+    loaded (`check_model_directory`, the plan against the teacher's depth, `check_output`):
+    out_dir is never the teacher's directory, nor inside it or holding it, not even with
+    `overwrite`; a non-empty out_dir is replaced only with `overwrite`, and then by exactly
+    the new student (nothing of the old directory is kept). The student is written into a
+    `.NAME.partial-*` directory beside out_dir and renamed into place when whole, so an
+    error or interrupt leaves out_dir as it was. Errors name the `linvid convert` options."""
+    config = check_model_directory(model_dir, "--model", model_types=TEACHER_MODEL_TYPES)
     plan = resolve_plan(plan)
-    model = AutoModelForImageTextToText.from_pretrained(source, local_files_only=True)
+    depth = decoder_layer_count(config)
+    if depth is not None:
+        plan.layer_indices(depth)  # a plan that does not fit, before the teacher is loaded
+    check_output(out_dir, overwrite=overwrite, inputs=(model_dir,), option="--out")
+    source = Path(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(
+        source, local_files_only=True, use_safetensors=True
+    )
     student = convert(model, plan, in_place=True)
-    target = Path(out_dir)
-    target.mkdir(parents=True, exist_ok=True)
-    student.save_pretrained(target)
-    for pattern in PROCESSOR_FILE_PATTERNS:
-        for path in source.glob(pattern):
-            if path.is_file() and not (target / path.name).exists():
-                shutil.copy2(path, target / path.name)
-    return str(target)
+    with atomic_directory(
+        out_dir, overwrite=overwrite, inputs=(model_dir,), option="--out"
+    ) as work:
+        student.save_pretrained(work)
+        for pattern in PROCESSOR_FILE_PATTERNS:
+            for path in source.glob(pattern):
+                if path.is_file() and not (work / path.name).exists():
+                    shutil.copy2(path, work / path.name)
+    return str(out_dir)

@@ -9,6 +9,8 @@ the conversion plan, so `AutoModelForImageTextToText.from_pretrained(dir)` rebui
 
 from __future__ import annotations
 
+import contextvars
+
 import torch
 from transformers import (
     AutoConfig,
@@ -31,6 +33,43 @@ from linvid.models.transv import apply_transv
 from linvid.video.scenes import scene_boundaries, scene_tokens
 
 IMAGE_TYPE, VIDEO_TYPE = 1, 2  # Qwen2.5-VL's mm_token_type_ids: 0 text, 1 image, 2 video
+NAMED_WEIGHTS = 3  # weight names quoted per kind in a StudentWeightsError
+# (source, ignore_mismatched_sizes) while a strict `from_pretrained` of a student runs, else
+# None; read by the loading hook.
+_STRICT_LOADING: contextvars.ContextVar[tuple[str, bool] | None] = contextvars.ContextVar(
+    "linvid_strict_student_loading", default=None
+)
+
+
+class StudentWeightsError(ValueError):
+    """A saved student whose checkpoint does not fit the structure its config.json plan
+    builds: weights missing, unused or of another shape. The message names a few of them,
+    their counts and the directory."""
+
+
+def check_student_weights(source: str, *, missing=(), unexpected=(), mismatched=()) -> None:
+    """Raise StudentWeightsError when a student's load left weights `missing` (in the model,
+    not in the checkpoint: they would be freshly initialised), `unexpected` (in the checkpoint,
+    unused) or `mismatched` ((name, checkpoint shape, model shape) tuples, or names)."""
+    problems = []
+    for kind, keys in (
+        ("missing from the checkpoint", missing),
+        ("in the checkpoint but not in the model", unexpected),
+        ("of another shape", mismatched),
+    ):
+        names = sorted(key[0] if isinstance(key, tuple | list) else str(key) for key in keys)
+        if names:
+            shown = ", ".join(names[:NAMED_WEIGHTS])
+            more = (
+                f", ... ({len(names) - NAMED_WEIGHTS} more)" if len(names) > NAMED_WEIGHTS else ""
+            )
+            problems.append(f"{len(names)} weights {kind} ({shown}{more})")
+    if problems:
+        raise StudentWeightsError(
+            f"the linvid student in {source} does not match its weights: {'; '.join(problems)}. "
+            "Its config.json plan (linvid_plan) must be the one it was saved with; a changed "
+            "plan needs a new student (linvid convert from the teacher)"
+        )
 
 
 class LinvidQwen2_5_VLConfig(Qwen2_5_VLConfig):
@@ -65,6 +104,62 @@ class LinvidQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
     @property
     def linear_layers(self) -> tuple[int, ...]:
         return self.plan.layer_indices(self.config.text_config.num_hidden_layers)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load a saved student; strict about its weights, unlike transformers' default.
+
+        A student's structure comes from its config.json plan, its weights from the
+        checkpoint: a plan edited after saving (another mixer, other layers) or weights of
+        another student would leave some mixers freshly initialised and some weights unused.
+        Any weight missing from the checkpoint, left unused by the model, or of another shape
+        (unless ignore_mismatched_sizes) raises `StudentWeightsError` naming a few of them
+        and their count. A caller passing output_loading_info=True gets transformers'
+        (model, loading_info) and judges the loading info itself, without this check."""
+        wants_info = bool(kwargs.pop("output_loading_info", False))
+        strict = not wants_info
+        allow_mismatched = bool(kwargs.get("ignore_mismatched_sizes", False))
+        token = _STRICT_LOADING.set(
+            (str(pretrained_model_name_or_path), allow_mismatched) if strict else None
+        )
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        finally:
+            _STRICT_LOADING.reset(token)
+        if wants_info:
+            return model, info
+        # The same check on the report from_pretrained returns, in case a transformers
+        # version does not call the hook below.
+        check_student_weights(
+            str(pretrained_model_name_or_path),
+            missing=info.get("missing_keys", ()),
+            unexpected=info.get("unexpected_keys", ()),
+            mismatched=() if allow_mismatched else info.get("mismatched_keys", ()),
+        )
+        return model
+
+    def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
+        # transformers' hook (5.x) that settles the missing and unexpected keys just before
+        # it logs its load report: the strict check of `from_pretrained` raises here, with
+        # the report's keys cleared, so that one clear error replaces the MISSING /
+        # UNEXPECTED table and the freshly initialised model.
+        super()._adjust_missing_and_unexpected_keys(loading_info)
+        settings = _STRICT_LOADING.get()
+        if settings is None:
+            return
+        source, allow_mismatched = settings
+        missing = set(loading_info.missing_keys)
+        unexpected = set(loading_info.unexpected_keys)
+        mismatched = set() if allow_mismatched else set(loading_info.mismatched_keys)
+        if missing or unexpected or mismatched:
+            loading_info.missing_keys, loading_info.unexpected_keys = set(), set()
+            if mismatched:
+                loading_info.mismatched_keys = set()
+            check_student_weights(
+                source, missing=missing, unexpected=unexpected, mismatched=mismatched
+            )
 
     def make_cache(self) -> HybridCache:
         """An empty cache for this model: KV for attention layers, states for linear ones."""

@@ -11,6 +11,12 @@ planes) in yuv420p, one frame per second by default, so that readers sampling at
 distillation dataset's default) get every frame and a needle's time in seconds is its frame
 index. The 4:2:0 chroma subsampling only blurs a needle's outline by a pixel or two; its
 inside keeps its colour within a few levels (tests/niah check this through load_video).
+
+The output follows linvid's rule (linvid/outputs.py): the whole directory is built as
+`.DIR.partial-*` beside DIR and renamed into place when every video and both JSONLs are
+written, so DIR holds one complete run or stays as it was (an interrupted run removes the
+partial directory); a non-empty DIR is replaced only with --overwrite, and then wholly (no
+videos of the earlier run are left behind).
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ import argparse
 import json
 import os
 import string
-import tempfile
 from collections.abc import Sequence
 
 from linvid.bench.models import parse_counts
@@ -32,6 +37,7 @@ from linvid.niah.generate import (
     minimum_frames,
     prompt_text,
 )
+from linvid.outputs import atomic_directory, atomic_write_text
 from linvid.video.io import write_video
 
 SEED_STRIDE = 1_000_000  # sample i of a run with --seed S has seed S * SEED_STRIDE + i
@@ -105,37 +111,40 @@ def write_dataset(
     fps: float = FRAMES_PER_SECOND,
     crf: int = 0,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Generate n samples for every (frame count, task) into `out` (see the module's doc);
     deterministic in the arguments. Returns {"samples", "vnbench", "conversations", "videos"}
-    (the count and the paths written)."""
+    (the count and the paths written).
+
+    `out` must be missing or empty unless `overwrite` (linvid.outputs.OutputExistsError
+    otherwise); it is built whole in a partial directory beside it and renamed into place at
+    the end, so an error or interrupt leaves an earlier `out` exactly as it was."""
     tasks, frames = tuple(tasks), tuple(frames)
     _check_arguments(tasks, frames, n, seed, size, fps, crf)
     out = os.fspath(out)
-    os.makedirs(os.path.join(out, VIDEO_DIR), exist_ok=True)
     jobs = [(count, task, index) for count in frames for task in tasks for index in range(n)]
-    if progress:
-        from tqdm import tqdm
-
-        jobs = tqdm(jobs, desc="niah", unit="video")
     vnbench, conversations = [], []
     width = max(4, len(str(max(frames))))
-    for count, task, index in jobs:
-        sample_seed = seed * SEED_STRIDE + index
-        sample = make_sample(task, count, sample_seed, size=size)
-        video = f"{VIDEO_DIR}/{task}_{count:0{width}d}_{index:06d}.mp4"
-        write_video(
-            os.path.join(out, video), sample.frames, fps, crf=crf, options={"preset": "veryfast"}
-        )
-        vnbench.append(vnbench_record(sample, video, sample_seed, fps))
-        conversations.append(conversation_record(sample, video))
-    paths = {}
-    for name, records in ((VNBENCH_FILE, vnbench), (CONVERSATIONS_FILE, conversations)):
-        paths[name] = _write_jsonl(os.path.join(out, name), records)
+    with atomic_directory(out, overwrite=overwrite) as work:
+        (work / VIDEO_DIR).mkdir()
+        if progress:
+            from tqdm import tqdm
+
+            jobs = tqdm(jobs, desc="niah", unit="video")
+        for count, task, index in jobs:
+            sample_seed = seed * SEED_STRIDE + index
+            sample = make_sample(task, count, sample_seed, size=size)
+            video = f"{VIDEO_DIR}/{task}_{count:0{width}d}_{index:06d}.mp4"
+            write_video(work / video, sample.frames, fps, crf=crf, options={"preset": "veryfast"})
+            vnbench.append(vnbench_record(sample, video, sample_seed, fps))
+            conversations.append(conversation_record(sample, video))
+        for name, records in ((VNBENCH_FILE, vnbench), (CONVERSATIONS_FILE, conversations)):
+            atomic_write_text(work / name, "".join(json.dumps(r) + "\n" for r in records))
     return {
         "samples": len(vnbench),
-        "vnbench": paths[VNBENCH_FILE],
-        "conversations": paths[CONVERSATIONS_FILE],
+        "vnbench": os.path.join(out, VNBENCH_FILE),
+        "conversations": os.path.join(out, CONVERSATIONS_FILE),
         "videos": os.path.join(out, VIDEO_DIR),
     }
 
@@ -165,26 +174,21 @@ def _check_arguments(tasks, frames, n, seed, size, fps, crf) -> None:
         raise ValueError(f"crf must be in 0..51 (x264's quality; 0 is lossless), got {crf}")
 
 
-def _write_jsonl(path: str, records: list[dict]) -> str:
-    """Write records one JSON object a line, atomically (a temporary file, then a rename)."""
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            for record in records:
-                file.write(json.dumps(record) + "\n")
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-    return path
-
-
 # ---------------------------------------------------------------------------------------------
 # `linvid niah generate`
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output directory: missing or empty, or replaced whole with --overwrite",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty --out (its old videos and JSONLs go)",
+    )
     parser.add_argument(
         "--tasks",
         default=",".join(TASKS),
@@ -223,6 +227,7 @@ def main_from_arguments(arguments: argparse.Namespace) -> int:
         fps=arguments.fps,
         crf=arguments.crf,
         progress=True,
+        overwrite=arguments.overwrite,
     )
     print(
         f"wrote {summary['samples']} videos to {summary['videos']}, "

@@ -144,11 +144,36 @@ def evaluate_niah(model, tokenizer, samples, **kwargs) -> dict:
     return evaluate(model, tokenizer, samples, prompt=generate.prompt_text, **kwargs)
 
 
+def local_model_directory(directory: str | os.PathLike, what: str = "model") -> Path:
+    """`directory` as a Path once it is a local model directory (it holds config.json).
+    Raises FileNotFoundError naming it otherwise, so that a missing or mistyped path is
+    reported as such; the loaders below read it with local_files_only, never from a hub."""
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(
+            f"{what} directory {directory} is a file: expected a local directory saved with "
+            "save_pretrained"
+        )
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{what} directory {directory} does not exist (expected a local directory saved "
+            "with save_pretrained; linvid never looks model paths up on a model hub)"
+        )
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{what} directory {directory} holds no config.json: expected a directory saved "
+            "with save_pretrained"
+        )
+    return path
+
+
 def load_teacher(directory: str | os.PathLike):
-    """(model, tokenizer) saved by `train_teacher`, the model in eval mode."""
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(directory)
+    """(model, tokenizer) saved by `train_teacher`, the model in eval mode; local files only
+    (`local_model_directory`)."""
+    directory = local_model_directory(directory, "teacher")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(directory, local_files_only=True)
     model.eval()
-    return model, AutoTokenizer.from_pretrained(directory)
+    return model, AutoTokenizer.from_pretrained(directory, local_files_only=True)
 
 
 def held_out_accuracy(

@@ -7,7 +7,13 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from linvid.distill.checkpoint import CheckpointError, load_training_state, save_training_state
+from linvid.distill.checkpoint import (
+    CheckpointError,
+    load_training_state,
+    save_training_state,
+    verify_checkpoint,
+    write_manifest,
+)
 
 
 def trained(accelerator, seed):
@@ -60,3 +66,34 @@ def test_a_missing_file_is_named(tmp_path):
     (tmp_path / "scheduler.json").unlink()
     with pytest.raises(CheckpointError, match="scheduler.json is missing"):
         load_training_state(tmp_path, accelerator, model, optimizer, scheduler)
+
+
+def test_a_truncated_or_changed_file_is_named(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    model, optimizer, scheduler = trained(accelerator, 1)
+    save_training_state(tmp_path, accelerator, model, optimizer, scheduler)
+    write_manifest(tmp_path)
+    verify_checkpoint(tmp_path, ["model.safetensors", "optimizer.json"])
+
+    schedule = tmp_path / "scheduler.json"
+    original = schedule.read_text()
+    schedule.write_text(original.replace('"last_epoch": 1', '"last_epoch": 2'))  # still JSON
+    with pytest.raises(CheckpointError, match=f"{schedule} does not match the SHA-256"):
+        verify_checkpoint(tmp_path)
+    schedule.write_text(original)
+
+    state = tmp_path / "optimizer.json"
+    state.write_text(state.read_text()[:20])
+    for check in (
+        lambda: load_training_state(tmp_path, accelerator, model, optimizer, scheduler),
+        lambda: verify_checkpoint((tmp_path / "manifest.json").unlink() or tmp_path),
+    ):
+        with pytest.raises(CheckpointError, match=f"{state} is not valid JSON"):
+            check()
+    state.unlink()
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with pytest.raises(CheckpointError, match=f"{weights} does not load as safetensors"):
+        verify_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match=f"{state} is missing"):
+        verify_checkpoint(tmp_path, ["optimizer.json"])

@@ -1,13 +1,19 @@
 """`linvid convert` on a local checkpoint directory."""
 
+import hashlib
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import linvid
 from linvid.cli import main
 from linvid.models.mixer_attention import MixerAttention
+from linvid.models.qwen2_5_vl import LinvidQwen2_5_VLForConditionalGeneration
 
 
 def test_convert_command_writes_a_loadable_student(teacher, video_inputs, tmp_path, capsys):
@@ -52,3 +58,163 @@ def test_convert_command_reports_a_missing_checkpoint(tmp_path, capsys):
 def test_convert_command_rejects_unknown_presets(tmp_path, capsys, preset):
     assert main(["convert", "--model", str(tmp_path), "--recipe", preset, "--out", "x"]) == 2
     assert "unknown preset" in capsys.readouterr().err
+
+
+# --- the output rule and the plan options (issue #12) ------------------------------------
+# These run the CLI in a subprocess, as a user does: the exit code and the one-line message
+# are what is checked, and every byte of what was there before must still be there.
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli(*arguments: str) -> subprocess.CompletedProcess:
+    """`python -m linvid.cli ARGUMENTS...` in a subprocess (stdout and stderr as text)."""
+    return subprocess.run(
+        [sys.executable, "-m", "linvid.cli", *arguments],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def cli_together(*commands: list[str]) -> list[subprocess.CompletedProcess]:
+    """Several `cli` runs side by side (each pays the interpreter's start-up once)."""
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "linvid.cli", *command],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for command in commands
+    ]
+    results = []
+    for command, process in zip(commands, processes, strict=True):
+        out, error = process.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(command, process.returncode, out, error))
+    return results
+
+
+def snapshot(root) -> dict[str, str]:
+    """Every file under `root` (hidden ones too) -> the SHA-256 of its bytes."""
+    root = Path(root)
+    return {
+        path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+def convert_arguments(teacher_dir, out) -> list[str]:
+    return ["convert", "--model", str(teacher_dir), "--recipe", "rwkv6-all", "--out", str(out)]
+
+
+@pytest.fixture
+def teacher_dir(teacher, tmp_path):
+    directory = tmp_path / "teacher"
+    teacher.save_pretrained(directory)
+    (directory / "tokenizer_config.json").write_text("{}")
+    return directory
+
+
+def test_convert_never_writes_over_its_teacher(teacher_dir, tmp_path):
+    """Case 1: --out is the teacher, inside it or holding it: refused, even with --overwrite."""
+    before = snapshot(tmp_path)
+    outs = (teacher_dir, teacher_dir / "student", tmp_path)
+    results = cli_together(*([*convert_arguments(teacher_dir, out), "--overwrite"] for out in outs))
+    for out, result in zip(outs, results, strict=True):
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert f"--out {out} would overwrite the input" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_convert_refuses_a_non_empty_out_without_overwrite(teacher_dir, tmp_path):
+    """Case 2: a non-empty --out is left byte for byte as it was; the message names --out
+    and --overwrite."""
+    out = tmp_path / "student"
+    out.mkdir()
+    (out / "config.json").write_text('{"model_type": "something else"}')
+    (out / "model.safetensors").write_bytes(b"earlier weights")
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    result = cli(*convert_arguments(teacher_dir, out))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"--out {out} exists and is not empty" in result.stderr
+    assert "--overwrite" in result.stderr and "Traceback" not in result.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_convert_overwrite_leaves_exactly_the_new_student(teacher_dir, tmp_path, capsys):
+    """Case 2: with --overwrite, --out holds the new student and nothing of what was there
+    (the student is built beside it and renamed into place: no partial directory is left)."""
+    fresh, out = tmp_path / "fresh", tmp_path / "student"
+    assert main(convert_arguments(teacher_dir, fresh)) == 0
+    out.mkdir()
+    (out / "config.json").write_text('{"model_type": "something else"}')
+    (out / "notes.txt").write_text("stale")
+    (out / "tokenizer.json").write_text("stale tokenizer")
+    assert main([*convert_arguments(teacher_dir, out), "--overwrite"]) == 0
+    capsys.readouterr()
+    assert sorted(snapshot(out)) == sorted(snapshot(fresh))
+    assert (out / "config.json").read_text() == (fresh / "config.json").read_text()
+    assert (
+        load_file(out / "model.safetensors").keys() == load_file(fresh / "model.safetensors").keys()
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["fresh", "student", "teacher"]
+    assert isinstance(linvid.load(out), LinvidQwen2_5_VLForConditionalGeneration)
+
+
+def test_interrupted_convert_leaves_out_as_it_was(teacher_dir, tmp_path, monkeypatch, capsys):
+    """Case 2: Ctrl-C while the student is being written: exit 130, one line, --out intact
+    and the partial directory removed."""
+    out = tmp_path / "student"
+    out.mkdir()
+    (out / "config.json").write_text('{"model_type": "earlier"}')
+    (out / "model.safetensors").write_bytes(b"earlier weights")
+    before = snapshot(tmp_path)
+    saved = LinvidQwen2_5_VLForConditionalGeneration.save_pretrained
+
+    def save_then_interrupt(model, directory, *arguments, **options):
+        saved(model, directory, *arguments, **options)  # half of the job is on disk
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(
+        LinvidQwen2_5_VLForConditionalGeneration, "save_pretrained", save_then_interrupt
+    )
+    assert main([*convert_arguments(teacher_dir, out), "--overwrite"]) == 130
+    error = capsys.readouterr().err
+    assert error.strip().splitlines()[-1] == (
+        "linvid convert: interrupted. Nothing was written; the --out directory is as it was."
+    )
+    assert snapshot(tmp_path) == before
+
+
+def test_convert_refuses_layers_with_fraction(teacher_dir, tmp_path):
+    """Case 4: --fraction 0.5 --layers 0 used to drop --layers without a word."""
+    out = tmp_path / "student"
+    result = cli(*convert_arguments(teacher_dir, out), "--fraction", "0.5", "--layers", "0")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--layers" in result.stderr and "--fraction" in result.stderr
+    assert "not both" in result.stderr and not out.exists()
+
+
+def test_convert_names_layers_when_they_are_not_layer_indices(teacher_dir, tmp_path):
+    """Case 5: --layers a,b said "invalid literal for int()"; an index past the model's depth
+    is named with the depth."""
+    out = tmp_path / "student"
+    words, outside = cli_together(
+        [*convert_arguments(teacher_dir, out), "--layers", "a,b"],
+        [*convert_arguments(teacher_dir, out), "--layers", "0,7"],
+    )
+    for result in (words, outside):
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "--layers" in result.stderr and "comma-separated decoder layer indices" in (
+            result.stderr
+        )
+        assert "invalid literal" not in result.stderr and "Traceback" not in result.stderr
+    assert "'a,b'" in words.stderr and "from 0 to 1" in words.stderr
+    assert "[7]" in outside.stderr and "2 decoder layers" in outside.stderr
+    assert not out.exists()
