@@ -388,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return arguments.run(arguments)
     except KeyboardInterrupt:
+        # CPython kills the process with SIGINT at exit if the interrupt escaped an exec() of
+        # source text (lazy imports run some); a trivial exec clears that, so 130 stands.
+        exec("pass")
         hint = INTERRUPT_HINTS.get(arguments.command, "")
         print(f"linvid {arguments.command}: interrupted. {hint}".rstrip(), file=sys.stderr)
         return 130

@@ -105,6 +105,10 @@ def atomic_directory(
         if not keep_partial:
             shutil.rmtree(work, ignore_errors=True)
         raise
+    # mkdtemp makes the directory private (0700); the finished output gets the usual mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(work, 0o777 & ~umask)
     replace_path(work, target)
 
 
