@@ -262,6 +262,7 @@ class VideoConversationDataset(torch.utils.data.Dataset):
         self.end_of_turn_id = end if known else tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id
         self._skipped: dict[int, str] = {}
+        self._sample_fps: dict[str, float] = {}  # video key -> its sampled frames per second
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -337,12 +338,14 @@ class VideoConversationDataset(torch.utils.data.Dataset):
         cached = self.feature_cache.grid(key) if self.feature_cache is not None else None
         if cached is not None:
             grid = cached
-            # The plan alone (container metadata, nothing decoded) gives the sampled rate.
-            plan = sampling_plan(probe_video(sample.video), **self._load_options())
-            frames_per_second = plan.sample_fps
+            if key not in self._sample_fps:  # once per video, not once per epoch
+                # The plan alone (container metadata, nothing decoded) gives the sampled rate.
+                plan = sampling_plan(probe_video(sample.video), **self._load_options())
+                self._sample_fps[key] = plan.sample_fps
+            frames_per_second = self._sample_fps[key]
         else:
             frames, meta = load_video(sample.video, **self._load_options())
-            frames_per_second = meta["sample_fps"]
+            frames_per_second = self._sample_fps[key] = meta["sample_fps"]
             video = video_inputs(
                 frames,
                 self.vision_config,

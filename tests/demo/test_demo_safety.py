@@ -3,19 +3,16 @@ and keeps the finished steps, which a rerun reuses; the steps' cache keys do not
 --out is spelled; models load from local directories only; the report's files are replaced
 whole."""
 
-import hashlib
 import json
 import os
 import re
-import signal
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import matplotlib.figure
 import pytest
+from cli_runs import file_hashes, interrupt_when
 
 from linvid.cli import main
 from linvid.demo import pipeline
@@ -29,40 +26,6 @@ QUICK = ["demo", "--quick", "--students", "mamba2-hybrid-25"]
 STUDENT = "mamba2-hybrid-25"
 
 
-def file_hashes(*directories: Path) -> dict[str, str]:
-    """{path: sha256} of every file below the directories (hidden ones too)."""
-    return {
-        str(path): hashlib.sha256(path.read_bytes()).hexdigest()
-        for directory in directories
-        for path in sorted(Path(directory).rglob("*"))
-        if path.is_file()
-    }
-
-
-def interrupt_when(command, ready, logs: Path, cwd=None, timeout: float = 90.0):
-    """Start `command` in its own session, wait until `ready()`, then send SIGINT to its
-    process group (what a terminal's Ctrl-C does). Returns (exit code, stdout, stderr)."""
-    stdout, stderr = logs / "stdout.txt", logs / "stderr.txt"
-    with open(stdout, "w") as out, open(stderr, "w") as err:
-        process = subprocess.Popen(command, stdout=out, stderr=err, cwd=cwd, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        try:
-            while not ready():
-                if process.poll() is not None:
-                    pytest.fail(
-                        f"exited {process.returncode} before it could be interrupted:\n"
-                        + stderr.read_text()[-3000:]
-                    )
-                if time.monotonic() > deadline:
-                    pytest.fail(f"not ready after {timeout} s:\n" + stderr.read_text()[-3000:])
-                time.sleep(0.02)
-            os.killpg(process.pid, signal.SIGINT)
-            code = process.wait(timeout=60)
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-    return code, stdout.read_text(), stderr.read_text()
 
 
 def test_ctrl_c_keeps_finished_steps_and_a_rerun_goes_on_from_them(tmp_path, capsys):
@@ -281,7 +244,7 @@ def test_an_interrupted_report_leaves_no_file_half_written(tmp_path, monkeypatch
     if stopped_in == "a plot":
         assert after == before  # every file is rendered before the first is replaced
     else:
-        assert after[str(out / stopped_in)] == before[str(out / stopped_in)]
+        assert after[stopped_in] == before[stopped_in]
         assert json.loads((out / "report.json").read_text())["accuracy"]
     # Uninterrupted, the new report replaces every file.
     write_report(out, **report_parts(correct=False))

@@ -3,7 +3,6 @@ never replaced without --overwrite, --resume needs a run, missing videos are fou
 first step, a damaged checkpoint is skipped for the previous one, model directories are read
 locally only, and Ctrl-C keeps every finished checkpoint for --resume."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import file_hashes, run_cli
 from distill_workspace import write_workspace
 from safetensors.torch import load_file, save_file
 
@@ -96,25 +96,9 @@ def arguments(workspace, out, *extra, recipe="recipe.yaml", data="train.jsonl"):
 
 def cli(command, environment=None):
     """Run `python -m linvid.cli COMMAND...` in a subprocess: (exit code, stderr)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "linvid.cli", *command],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=environment,
-    )
+    result = run_cli(*command, timeout=300, env=environment)
     return result.returncode, result.stderr
 
-
-def snapshot(root) -> dict[str, str]:
-    """Every file under `root` (hidden ones too) -> the SHA-256 of its bytes."""
-    root = Path(root)
-    return {
-        path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(root.rglob("*"))
-        if path.is_file()
-    }
 
 
 def steps(out) -> list[int]:
@@ -153,11 +137,11 @@ def stopped(workspace, tmp_path_factory):
 def test_a_finished_run_is_kept_without_overwrite(workspace, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(arguments(workspace, out)) == 0  # no checkpoints: only its student/
-    before = snapshot(out)
+    before = file_hashes(out)
     code, error = cli(arguments(workspace, out))
     assert code == 2, error
     assert f"--out {out}" in error and str(out / "student") in error and "--overwrite" in error
-    assert snapshot(out) == before
+    assert file_hashes(out) == before
     # --resume has nothing to go on from either.
     assert main(arguments(workspace, out, "--resume")) == 2
     error = capsys.readouterr().err
@@ -171,16 +155,16 @@ def test_a_finished_run_is_kept_without_overwrite(workspace, tmp_path, capsys):
     assert main(command) == 2
     error = capsys.readouterr().err
     assert f"would overwrite the input {out / 'student'}" in error
-    assert snapshot(out) == before
+    assert file_hashes(out) == before
 
 
 def test_out_is_never_the_teacher(workspace):
     teacher = workspace / "teacher"
-    before = snapshot(teacher)
+    before = file_hashes(teacher)
     code, error = cli(arguments(workspace, teacher, "--overwrite"))
     assert code == 2, error
     assert f"--out {teacher} would overwrite the input {teacher}" in error
-    assert snapshot(teacher) == before
+    assert file_hashes(teacher) == before
 
 
 def test_overwrite_replaces_the_student_only_once_saved_whole(workspace, tmp_path, monkeypatch):
@@ -188,7 +172,7 @@ def test_overwrite_replaces_the_student_only_once_saved_whole(workspace, tmp_pat
 
     out = tmp_path / "run"
     assert main(arguments(workspace, out)) == 0
-    before = snapshot(out / "student")
+    before = file_hashes(out / "student")
     # Interrupt the final save after the weights, before the tokenizer files.
     tokenizer_class = type(AutoTokenizer.from_pretrained(workspace / "teacher"))
 
@@ -198,11 +182,11 @@ def test_overwrite_replaces_the_student_only_once_saved_whole(workspace, tmp_pat
     with monkeypatch.context() as patch:
         patch.setattr(tokenizer_class, "save_pretrained", interrupted)
         assert main(arguments(workspace, out, "--overwrite", "--max-steps", "1")) == 130
-    assert snapshot(out / "student") == before
+    assert file_hashes(out / "student") == before
     assert not [path.name for path in out.iterdir() if ".partial-" in path.name]
     assert main(arguments(workspace, out, "--overwrite", "--max-steps", "1")) == 0
     assert steps(out) == [1]
-    after = snapshot(out / "student")
+    after = file_hashes(out / "student")
     assert after.keys() == before.keys()
     assert after["model.safetensors"] != before["model.safetensors"]  # one step, not four
 
@@ -285,14 +269,14 @@ def test_resume_skips_a_damaged_newest_checkpoint(stopped, reference, workspace,
     spoil(newest / name)
     if drop_manifest:  # a checkpoint of an older linvid: verified file by file
         (newest / "manifest.json").unlink(missing_ok=True)
-    damaged = snapshot(newest)
+    damaged = file_hashes(newest)
     command = arguments(workspace, out, "--checkpoint-every", "1", "--keep-checkpoints", "3")
     with pytest.warns(UserWarning, match="skipping checkpoint step-00000003") as caught:
         assert main([*command, "--resume"]) == 0
     (message,) = [str(w.message) for w in caught if "skipping checkpoint" in str(w.message)]
     assert str(newest / name) in message
     assert f"resuming from {out / 'checkpoints' / 'step-00000002'}" in message
-    assert snapshot(out / "checkpoints" / "unusable-step-00000003") == damaged  # kept aside
+    assert file_hashes(out / "checkpoints" / "unusable-step-00000003") == damaged  # kept aside
     assert steps(out) == list(range(1, STEPS + 1))
     assert_same_student(out, reference)
 
@@ -302,13 +286,13 @@ def test_resume_without_a_usable_checkpoint_names_the_files(stopped, workspace, 
     shutil.copytree(stopped, out)
     for checkpoint in (out / "checkpoints").iterdir():
         truncate(checkpoint / "trainer_state.json")
-    before = snapshot(out)
+    before = file_hashes(out)
     assert main(arguments(workspace, out, "--resume")) == 2
     error = capsys.readouterr().err
     for step in (1, 2, 3):
         assert str(out / "checkpoints" / f"step-{step:08d}" / "trainer_state.json") in error
     assert "linvid distill: error: cannot resume: no checkpoint in" in error
-    assert snapshot(out) == before
+    assert file_hashes(out) == before
 
 
 # --- case 5: model directories are read locally only --------------------------------------

@@ -12,10 +12,11 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import REPO
+from cli_runs import run_cli as cli
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
 
 import linvid
@@ -24,7 +25,6 @@ from linvid.models.tiny import tiny_qwen2_5_vl_config
 from linvid.models.tokenizer import build_word_tokenizer, token_ids
 from linvid.video.io import write_video
 
-REPO = Path(__file__).resolve().parents[2]
 QUESTION = "what color is the circle ?"
 SMALL = ["--min-pixels", "3136", "--max-pixels", "3136", "--max-new-tokens", "2"]
 INTERRUPTED = "linvid ask: interrupted."
@@ -70,16 +70,6 @@ def workspace(tmp_path_factory):
     write_video(root / "long.mp4", frames, fps=25)
     return root
 
-
-def cli(*arguments: str) -> subprocess.CompletedProcess:
-    """`python -m linvid.cli ARGUMENTS...` in a subprocess (stdout and stderr as text)."""
-    return subprocess.run(
-        [sys.executable, "-m", "linvid.cli", *arguments],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:

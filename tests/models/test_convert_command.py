@@ -1,13 +1,13 @@
 """`linvid convert` on a local checkpoint directory."""
 
-import hashlib
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import REPO, file_hashes
+from cli_runs import run_cli as cli
 from safetensors.torch import load_file
 
 import linvid
@@ -64,18 +64,7 @@ def test_convert_command_rejects_unknown_presets(tmp_path, capsys, preset):
 # These run the CLI in a subprocess, as a user does: the exit code and the one-line message
 # are what is checked, and every byte of what was there before must still be there.
 
-REPO = Path(__file__).resolve().parents[2]
 
-
-def cli(*arguments: str) -> subprocess.CompletedProcess:
-    """`python -m linvid.cli ARGUMENTS...` in a subprocess (stdout and stderr as text)."""
-    return subprocess.run(
-        [sys.executable, "-m", "linvid.cli", *arguments],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def cli_together(*commands: list[str]) -> list[subprocess.CompletedProcess]:
@@ -97,15 +86,6 @@ def cli_together(*commands: list[str]) -> list[subprocess.CompletedProcess]:
     return results
 
 
-def snapshot(root) -> dict[str, str]:
-    """Every file under `root` (hidden ones too) -> the SHA-256 of its bytes."""
-    root = Path(root)
-    return {
-        path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(root.rglob("*"))
-        if path.is_file()
-    }
-
 
 def convert_arguments(teacher_dir, out) -> list[str]:
     return ["convert", "--model", str(teacher_dir), "--recipe", "rwkv6-all", "--out", str(out)]
@@ -121,14 +101,14 @@ def teacher_dir(teacher, tmp_path):
 
 def test_convert_never_writes_over_its_teacher(teacher_dir, tmp_path):
     """Case 1: --out is the teacher, inside it or holding it: refused, even with --overwrite."""
-    before = snapshot(tmp_path)
+    before = file_hashes(tmp_path)
     outs = (teacher_dir, teacher_dir / "student", tmp_path)
     results = cli_together(*([*convert_arguments(teacher_dir, out), "--overwrite"] for out in outs))
     for out, result in zip(outs, results, strict=True):
         assert result.returncode == 2, result.stderr[-2000:]
         assert f"--out {out} would overwrite the input" in result.stderr
         assert "Traceback" not in result.stderr
-    assert snapshot(tmp_path) == before
+    assert file_hashes(tmp_path) == before
 
 
 def test_convert_refuses_a_non_empty_out_without_overwrite(teacher_dir, tmp_path):
@@ -139,12 +119,12 @@ def test_convert_refuses_a_non_empty_out_without_overwrite(teacher_dir, tmp_path
     (out / "config.json").write_text('{"model_type": "something else"}')
     (out / "model.safetensors").write_bytes(b"earlier weights")
     (out / "notes.txt").write_text("mine")
-    before = snapshot(tmp_path)
+    before = file_hashes(tmp_path)
     result = cli(*convert_arguments(teacher_dir, out))
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"--out {out} exists and is not empty" in result.stderr
     assert "--overwrite" in result.stderr and "Traceback" not in result.stderr
-    assert snapshot(tmp_path) == before
+    assert file_hashes(tmp_path) == before
 
 
 def test_convert_overwrite_leaves_exactly_the_new_student(teacher_dir, tmp_path, capsys):
@@ -158,7 +138,7 @@ def test_convert_overwrite_leaves_exactly_the_new_student(teacher_dir, tmp_path,
     (out / "tokenizer.json").write_text("stale tokenizer")
     assert main([*convert_arguments(teacher_dir, out), "--overwrite"]) == 0
     capsys.readouterr()
-    assert sorted(snapshot(out)) == sorted(snapshot(fresh))
+    assert sorted(file_hashes(out)) == sorted(file_hashes(fresh))
     assert (out / "config.json").read_text() == (fresh / "config.json").read_text()
     assert (
         load_file(out / "model.safetensors").keys() == load_file(fresh / "model.safetensors").keys()
@@ -174,7 +154,7 @@ def test_interrupted_convert_leaves_out_as_it_was(teacher_dir, tmp_path, monkeyp
     out.mkdir()
     (out / "config.json").write_text('{"model_type": "earlier"}')
     (out / "model.safetensors").write_bytes(b"earlier weights")
-    before = snapshot(tmp_path)
+    before = file_hashes(tmp_path)
     saved = LinvidQwen2_5_VLForConditionalGeneration.save_pretrained
 
     def save_then_interrupt(model, directory, *arguments, **options):
@@ -189,7 +169,7 @@ def test_interrupted_convert_leaves_out_as_it_was(teacher_dir, tmp_path, monkeyp
     assert error.strip().splitlines()[-1] == (
         "linvid convert: interrupted. Nothing was written; the --out directory is as it was."
     )
-    assert snapshot(tmp_path) == before
+    assert file_hashes(tmp_path) == before
 
 
 def test_convert_refuses_layers_with_fraction(teacher_dir, tmp_path):

@@ -9,12 +9,10 @@ it with one error naming a few of the weights and their count."""
 
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import run_cli as cli
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, Qwen2_5_VLForConditionalGeneration
 
@@ -29,7 +27,6 @@ from linvid.models.tiny import tiny_qwen2_5_vl_config
 from linvid.models.tokenizer import build_word_tokenizer, token_ids
 from linvid.video.io import write_video
 
-REPO = Path(__file__).resolve().parents[2]
 QUESTION = "what is here"
 RECIPE = """
 name: changed_plan
@@ -85,16 +82,6 @@ def workspace(tmp_path_factory):
     (root / "recipe.yaml").write_text(RECIPE)
     return root
 
-
-def cli(*arguments: str) -> subprocess.CompletedProcess:
-    """`python -m linvid.cli ARGUMENTS...` in a subprocess (stdout and stderr as text)."""
-    return subprocess.run(
-        [sys.executable, "-m", "linvid.cli", *arguments],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def assert_names_the_weights(message: str, directory) -> None:

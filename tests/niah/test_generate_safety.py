@@ -2,16 +2,14 @@
 replaced only with --overwrite, and then wholly (no stale videos); a Ctrl-C exits 130 with one
 line and leaves the previous --out exactly as it was (never old JSONLs over new videos)."""
 
-import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from cli_runs import file_hashes, interrupt_when
 
 from linvid.cli import main
 from linvid.niah.dataset import write_dataset
@@ -26,14 +24,6 @@ def small_dataset(out: Path, seed: int = 0) -> None:
     write_dataset(out, tasks=("retrieval",), frames=(16,), n=2, seed=seed)
 
 
-def file_hashes(directory: Path) -> dict[str, str]:
-    """{path relative to directory: sha256} of every file below it (hidden ones too)."""
-    return {
-        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(directory.rglob("*"))
-        if path.is_file()
-    }
-
 
 def generate(*arguments, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -44,31 +34,6 @@ def generate(*arguments, cwd=None) -> subprocess.CompletedProcess:
         timeout=120,
     )
 
-
-def interrupt_when(command, ready, logs: Path, timeout: float = 60.0):
-    """Start `command` in its own session, wait until `ready()`, then send SIGINT to its
-    process group (what a terminal's Ctrl-C does). Returns (exit code, stdout, stderr)."""
-    stdout, stderr = logs / "stdout.txt", logs / "stderr.txt"
-    with open(stdout, "w") as out, open(stderr, "w") as err:
-        process = subprocess.Popen(command, stdout=out, stderr=err, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        try:
-            while not ready():
-                if process.poll() is not None:
-                    pytest.fail(
-                        f"exited {process.returncode} before it could be interrupted:\n"
-                        + stderr.read_text()[-3000:]
-                    )
-                if time.monotonic() > deadline:
-                    pytest.fail(f"not ready after {timeout} s:\n" + stderr.read_text()[-3000:])
-                time.sleep(0.02)
-            os.killpg(process.pid, signal.SIGINT)
-            code = process.wait(timeout=60)
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-    return code, stdout.read_text(), stderr.read_text()
 
 
 def test_a_non_empty_out_is_refused_without_overwrite_and_left_as_it_was(tmp_path):
