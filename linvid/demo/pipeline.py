@@ -286,6 +286,7 @@ def distill_student(
 
 
 def rotations(sample) -> list:
+    """The sample under each rotation of its options, shift 0 (the sample itself) first."""
     from linvid.niah.scoring import rotate_options
 
     return [rotate_options(sample, shift) for shift in range(len(sample.options))]
@@ -293,11 +294,20 @@ def rotations(sample) -> list:
 
 def evaluate_model(model, tokenizer, settings: InferenceSettings, config: DemoConfig, log):
     """Held-out records at every evaluation length: one per question, correct under VNBench's
-    circular rule (the options scored in all 4 rotations)."""
+    circular rule (`linvid.niah.scoring.circular_correct`: the right option picked in all 4
+    rotations of the options). The 4 rotations are scored in one `evaluate` call; the rule
+    then looks up each rotation's pick by its options. Each record keeps its rotations'
+    picks, {"shift", "choice", "answer_index", "correct"} by shift, so its accuracy can be
+    recomputed from them."""
     from linvid.eval.options import AnswerEncoder, evaluate
     from linvid.niah.generate import FRAMES_PER_SECOND, prompt_text
-    from linvid.niah.scoring import depth_bin
+    from linvid.niah.scoring import circular_correct, depth_bin, rotate_options
     from linvid.niah.teacher import held_out_samples
+
+    def rotation_key(question) -> tuple:
+        """What tells one rotation of a question from another: its options in order and where
+        the right one is."""
+        return tuple(question.options), int(question.answer_index)
 
     encoder = AnswerEncoder(
         tokenizer, model.config, style=settings.prompt_style, sample_fps=FRAMES_PER_SECOND
@@ -317,15 +327,40 @@ def evaluate_model(model, tokenizer, settings: InferenceSettings, config: DemoCo
                 batch_questions=len(rotated),  # rows are grouped by prompt length anyway
                 prepare=prepare,
             )
-            picks = [record["correct"] for record in result["records"]]
+            shifts = {
+                rotation_key(rotate_options(sample, shift)): shift
+                for shift in range(len(sample.options))
+            }
+            picks, scored = {}, []
+            for question, record in zip(rotated, result["records"], strict=True):
+                key = rotation_key(question)
+                if key not in shifts:
+                    raise ValueError(f"{key} is no rotation of a held-out question's options")
+                picks[key] = record["choice"]
+                scored.append(
+                    {
+                        "shift": shifts[key],
+                        "choice": record["choice"],
+                        "answer_index": record["answer_index"],
+                        "correct": record["correct"],
+                    }
+                )
+
+            def choose(question, picks=picks):
+                key = rotation_key(question)
+                if key not in picks:
+                    raise ValueError(f"rotation {key} of a held-out question was not scored")
+                return picks[key]
+
             records.append(
                 {
                     "task": sample.task,
                     "frames": frames,
                     "depth": sample.depth,
                     "depth_bin": depth_bin(sample.depth, config.depth_bins),
-                    "correct": all(picks),
-                    "single_try_correct": picks[0],
+                    "correct": circular_correct(choose, sample),
+                    "single_try_correct": picks[rotation_key(sample)] == sample.answer_index,
+                    "rotations": sorted(scored, key=lambda rotation: rotation["shift"]),
                 }
             )
         log(f"  {frames} frames: {per_task} per task in {time.perf_counter() - started:.1f} s")

@@ -1,5 +1,6 @@
 """Layer-wise hidden alignment (paper 003 eq. 6) between student mixers and teacher attention."""
 
+import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -58,3 +59,99 @@ def test_alignment_loss_trains_only_the_mixers_and_decreases():
         loss.backward()
         optimizer.step()
     assert float(loss.detach()) < 0.5 * first
+
+
+def padded_inputs():
+    """Two samples with a video each; the second is shorter and right-padded (pad id 2)."""
+    generator = torch.Generator().manual_seed(1)
+    video = [VISION_START, *[VIDEO_TOKEN] * 8, VISION_END]
+    ids = torch.tensor([[3, 4, *video, 5, 6, 7, 8], [4, *video, 6, 7, 2, 2, 2]])
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixel_values_videos": torch.randn(2 * 2 * 4 * 4, 3 * 2 * 14 * 14, generator=generator),
+        "video_grid_thw": torch.tensor([[2, 4, 4], [2, 4, 4]]),
+        "mm_token_type_ids": (ids == VIDEO_TOKEN).int() * 2,
+    }
+
+
+def teacher_attention_outputs(teacher, batch, layers):
+    """{layer: (input, output) of the teacher's self-attention}, by forward hooks of this test."""
+    outputs, handles = {}, []
+    for index in layers:
+        attention = teacher.model.language_model.layers[index].self_attn
+
+        def hook(module, args, kwargs, output, index=index):
+            outputs[index] = (kwargs["hidden_states"].detach(), output[0].detach())
+
+        handles.append(attention.register_forward_hook(hook, with_kwargs=True))
+    with torch.no_grad():
+        teacher(**batch, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    return outputs
+
+
+def student_mixer_output(student, teacher, batch, layer):
+    """(input, output) of the student mixer at `layer` in the student's own forward, with the
+    teacher's self-attention put back in every layer below it: the decoder layers below are
+    then the teacher's (the conversion copies norms, MLPs and embeddings), so the mixer gets the
+    teacher's input to that layer and the context the student's forward builds."""
+    layers = student.model.language_model.layers
+    mixers = {index: layers[index].self_attn for index in range(layer)}
+    recorded = {}
+
+    def hook(module, args, output):
+        recorded["io"] = (args[0].detach(), output[0].detach())
+
+    handle = layers[layer].self_attn.mixer.register_forward_hook(hook)
+    try:
+        for index in mixers:
+            layers[index].self_attn = teacher.model.language_model.layers[index].self_attn
+        with torch.no_grad():
+            student(**batch, use_cache=False)
+    finally:
+        handle.remove()
+        for index, mixer in mixers.items():
+            layers[index].self_attn = mixer
+    return recorded["io"]
+
+
+def test_alignment_loss_value_matches_eq6_computed_from_recorded_outputs():
+    """The loss against paper 003 eq. 6 computed independently, in float64: the teacher's
+    self-attention outputs recorded by this test's hooks, the student mixers' outputs from the
+    student's own forward given the teacher's input at each layer, and
+        L = 1/|A| sum_l [ 1/(N D) sum_t ||h_S[l,t] - h_T[l,t]||^2 ]
+    over the N scored tokens (the attention mask, or the mask given). linvid divides by the
+    hidden size D besides eq. 6's 1/N (`hidden_mse`, the F.mse_loss scale): the paper's value
+    is D times this. Padding is left out of the default mask; per-layer values are reported."""
+    teacher, student = models(ConversionPlan(mixer="mmate", fraction=1.0))
+    batch = padded_inputs()
+    layers = student.linear_layers
+    assert layers == (0, 1)
+    teacher_io = teacher_attention_outputs(teacher, batch, layers)
+    student_io = {layer: student_mixer_output(student, teacher, batch, layer) for layer in layers}
+    hidden_size = student.config.text_config.hidden_size
+    video = batch["input_ids"] == VIDEO_TOKEN
+    for mask, given in ((batch["attention_mask"].bool(), None), (video, video)):
+        with torch.no_grad():
+            loss, per_layer = hidden_alignment_loss(student, teacher, batch, mask=given)
+        expected, paper = {}, []
+        for layer in layers:
+            torch.testing.assert_close(student_io[layer][0], teacher_io[layer][0])  # the input
+            difference = student_io[layer][1].double() - teacher_io[layer][1].double()
+            squares = difference.square().sum(-1)[mask]  # (N,) ||h_S - h_T||^2 per token
+            assert squares.shape == (int(mask.sum()),) and bool((squares > 0).all())
+            paper.append(squares.mean())  # eq. 6's bracket: 1/N sum_t
+            expected[layer] = float(squares.sum() / (squares.numel() * hidden_size))
+        assert per_layer.keys() == expected.keys()
+        for layer in layers:
+            assert per_layer[layer] == pytest.approx(expected[layer], rel=1e-5), layer
+        assert float(loss) == pytest.approx(sum(expected.values()) / len(layers), rel=1e-5)
+        assert float(loss) * hidden_size == pytest.approx(float(sum(paper) / len(paper)), rel=1e-5)
+    with torch.no_grad():  # scoring the padding too gives another value
+        default = hidden_alignment_loss(student, teacher, batch)[0]
+        everything = hidden_alignment_loss(student, teacher, batch, mask=torch.ones_like(video))[0]
+    assert not torch.isclose(default, everything)
