@@ -107,8 +107,8 @@ def steps(out) -> list[int]:
 
 
 def assert_same_student(out, reference):
-    expected = load_file(str(Path(reference) / "student" / "model.safetensors"))
-    resumed = load_file(str(Path(out) / "student" / "model.safetensors"))
+    expected = load_file(str(Path(reference) / "student" / "model.linvid.safetensors"))
+    resumed = load_file(str(Path(out) / "student" / "model.linvid.safetensors"))
     assert resumed.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=1e-7, msg=name)
