@@ -217,3 +217,42 @@ def test_lmms_eval_builtin_qwen2_5_vl_refuses_a_student(workspace, monkeypatch):
     with pytest.raises(OSError, match="model.safetensors"):
         Qwen2_5_VL(pretrained=str(workspace / "rwkv6-all"), device="cpu", device_map="cpu")
     assert Qwen2_5_VL(pretrained=str(workspace / "teacher"), device="cpu", device_map="cpu")
+
+
+def test_linvid_eval_run_writes_one_table_with_retention(workspace, tmp_path, capsys):
+    """`linvid eval run`: two models on linvid_niah (written from --niah), one table whose
+    values are lmms-eval's and whose retention is value / the teacher's; a rerun reuses the
+    finished models' results."""
+    from linvid.cli import main
+
+    out = tmp_path / "eval"
+    command = [
+        "eval", "run",
+        "--model", f"teacher={workspace / 'teacher'}",
+        "--model", f"rwkv={workspace / 'rwkv6-all'}",
+        "--teacher", "teacher",
+        "--tasks", "linvid_niah",
+        "--niah", str(workspace / "data"),
+        "--model-args", MODEL_ARGS,
+        "--limit", "8",
+        "--out", str(out),
+    ]  # fmt: skip
+    assert main(command) == 0
+    table = json.loads((out / "table.json").read_text())
+    rows = {(row["model"], row["metric"]): row for row in table["rows"]}
+    saved = {
+        name: json.loads((out / "results" / f"{name}.json").read_text())["results"]
+        for name in ("teacher", "rwkv")
+    }
+    for (model, metric), row in rows.items():
+        assert row["value"] == pytest.approx(
+            saved[model]["linvid_niah"][f"{metric},none"], nan_ok=True
+        )
+        teacher = rows[("teacher", metric)]["value"]
+        if teacher > 0 and row["value"] == row["value"]:
+            assert row["retention"] == pytest.approx(row["value"] / teacher)
+    assert (out / "table.png").stat().st_size > 0
+    assert "| rwkv | linvid_niah | circular |" in (out / "table.md").read_text()
+    capsys.readouterr()
+    assert main(command) == 0
+    assert capsys.readouterr().out.count("results from an earlier run") == 2
