@@ -134,6 +134,11 @@ class LinvidModel(lmms):
             tokens_per_frame=_optional_int(tokens_per_frame, "tokens_per_frame"),
         )
         self.settings.check()
+        stream_on, transv_on = _switch(stream, "stream"), _switch(transv, "transv")
+        if style not in ("auto", "standard", "sandwich"):
+            raise ValueError(
+                f"linvid model_args style={style!r}: expected auto, standard or sandwich"
+            )
         check_model_directory_for_ask(pretrained, "pretrained")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.asker = VideoAsker.load(
@@ -142,10 +147,9 @@ class LinvidModel(lmms):
             dtype=None if dtype == "auto" else DTYPES[dtype],
             device=device,
             style=style,
-            stream=_switch(stream, "stream"),
+            stream=stream_on,
         )
         model = self.asker.model
-        transv_on = _switch(transv, "transv")
         if transv_on and not has_transv(model):
             raise ValueError(f"linvid model_args transv=on: {pretrained} has no TransV layers")
         if has_transv(model) and transv_on is not None:

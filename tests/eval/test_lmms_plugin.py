@@ -256,3 +256,25 @@ def test_linvid_eval_run_writes_one_table_with_retention(workspace, tmp_path, ca
     capsys.readouterr()
     assert main(command) == 0
     assert capsys.readouterr().out.count("results from an earlier run") == 2
+
+
+def test_plugin_refuses_what_it_cannot_do_with_clear_errors(workspace):
+    from linvid.eval.lmms_model import LinvidModel
+
+    teacher = str(workspace / "teacher")
+    with pytest.raises(ValueError, match="unknown frames"):
+        LinvidModel(pretrained=teacher, frames=8)
+    with pytest.raises(ValueError, match="transv=on: .* has no TransV layers"):
+        LinvidModel(pretrained=teacher, transv="on")
+    with pytest.raises(ValueError, match="stream='sometimes'"):
+        LinvidModel(pretrained=teacher, stream="sometimes")
+    with pytest.raises(ValueError, match="pretrained .* does not exist"):
+        LinvidModel(pretrained=str(workspace / "missing"))
+    model = LinvidModel(pretrained=teacher, device="cpu")
+    model.task_dict = {"t": {"test": [{"image": "x.png"}, {"video": "v.mp4"}]}}
+    with pytest.raises(ValueError, match="not a video file"):
+        model._video(lambda doc: [doc["image"]], 0, "t", "test")
+    with pytest.raises(ValueError, match="gives 2 visuals"):
+        model._video(lambda doc: ["a.mp4", "b.mp4"], 1, "t", "test")
+    with pytest.raises(ValueError, match="decodes greedily"):
+        model._generate("v.mp4", "question", {"temperature": 0.7})
