@@ -188,7 +188,7 @@ def test_overwrite_replaces_the_student_only_once_saved_whole(workspace, tmp_pat
     assert steps(out) == [1]
     after = file_hashes(out / "student")
     assert after.keys() == before.keys()
-    assert after["model.safetensors"] != before["model.safetensors"]  # one step, not four
+    assert after["model.linvid.safetensors"] != before["model.linvid.safetensors"]  # one step, not four
 
 
 # --- case 2: --resume needs a run ---------------------------------------------------------
