@@ -1,7 +1,8 @@
 # Two commands on a fresh machine: `make test` (sets up .venv, runs the suite) and `make demo`.
 # `make test` installs the locked set (requirements/lock.txt, exact versions the suite passed
-# on); `make test-latest` runs the same suite on the newest versions pyproject's ranges admit
-# (in .venv-latest). `.ci/run` runs both. `make lock` re-resolves the lock.
+# on), with the dev and eval (lmms-eval) extras; `make test-latest` runs the same suite on the
+# newest versions pyproject's ranges admit (in .venv-latest). `.ci/run` runs both. `make lock`
+# re-resolves the lock.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -23,7 +24,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c $(LOCK) -e '.[dev]'
+	$(PY) -m pip install --quiet -c $(LOCK) -e '.[dev,eval]'
 	$(PY) -m pip check
 	touch $(STAMP)
 
@@ -35,16 +36,16 @@ test: install
 test-latest:
 	test -x $(LATEST_PY) || $(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_PY) -m pip install --quiet --upgrade pip
-	$(LATEST_PY) -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev]'
+	$(LATEST_PY) -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev,eval]'
 	$(LATEST_PY) -m pip check
-	$(LATEST_PY) -m pip freeze --exclude-editable | grep -iE '^(torch|torchvision|transformers|tokenizers|accelerate|peft|safetensors|numpy|av|pillow|qwen-vl-utils)==' | tr '\n' ' '; echo
+	$(LATEST_PY) -m pip freeze --exclude-editable | grep -iE '^(torch|torchvision|transformers|tokenizers|accelerate|peft|safetensors|numpy|av|pillow|qwen-vl-utils|lmms.eval|filelock)==' | tr '\n' ' '; echo
 	$(LATEST_PY) $(PYTEST)
 
 # Re-resolve the lock in a scratch venv: the transformers floor, the newest of the rest.
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install --quiet --upgrade pip
-	.venv-lock/bin/python -m pip install --quiet '$(LOCK_FLOOR)' -e '.[dev]'
+	.venv-lock/bin/python -m pip install --quiet '$(LOCK_FLOOR)' -e '.[dev,eval]'
 	(echo '# make lock: the exact set `make test` installs (pip constraints). Regenerate with make lock.'; \
 	 .venv-lock/bin/python -m pip freeze --exclude-editable) > $(LOCK)
 	rm -rf .venv-lock

@@ -18,6 +18,7 @@ INTERRUPT_HINTS = {
     "niah": "The --out directory is as it was; rerun the command.",
     "scenes": "",
     "bench": "",
+    "eval": "Models finished are kept in --out/results; rerun the same command to go on.",
 }
 
 
@@ -70,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
         niah_dataset,
         "write needle videos, vnbench.jsonl and conversations.jsonl",
     )
+
+    evaluation = commands.add_parser("eval", help="real benchmarks through lmms-eval")
+    evaluation_commands = evaluation.add_subparsers(dest="eval_command", metavar="WHAT")
+    from linvid.eval import compare
+
+    add_module_command(
+        evaluation_commands, "run", compare, "several models on the same tasks: one table"
+    )
+    tasks = evaluation_commands.add_parser(
+        "tasks",
+        help="write the linvid_niah / vnbench task files for lmms-eval's --include_path",
+        description=compare.tasks_from_arguments.__doc__ or None,
+    )
+    compare.tasks_arguments(tasks)
+    tasks.set_defaults(run=compare.tasks_from_arguments)
 
     scenes = commands.add_parser(
         "scenes",

@@ -331,9 +331,7 @@ def _ask_streaming(model, encoder, chunks, question, style, max_new_tokens, samp
 
     def step(inputs: dict) -> torch.Tensor:
         inputs = {
-            key: value.to(device, model.dtype)
-            if key == "pixel_values_videos"
-            else value.to(device)
+            key: value.to(device, model.dtype) if key == "pixel_values_videos" else value.to(device)
             for key, value in inputs.items()
         }
         with torch.no_grad():
@@ -514,84 +512,193 @@ def ask_video_file(
     sampling plan. max_frames (None: FPS_MAX_FRAMES, 768, Qwen's cap) caps fps sampling and
     num_frames alike (`fit_frame_count`); `warn(message)` (default: one line on stderr) is
     told when a count is capped or frames would repeat."""
-    from transformers import AutoTokenizer
-
-    from linvid.models.convert import load
-    from linvid.models.directory import check_model_directory
-    from linvid.video.io import iter_video_frames, load_video, probe_video, sampling_plan
-
-    max_frames = FPS_MAX_FRAMES if max_frames is None else max_frames
-    check_ask_options(
+    settings = VideoSettings(
         fps=fps,
         num_frames=num_frames,
-        max_frames=max_frames,
-        min_pixels=min_pixels,
+        max_frames=FPS_MAX_FRAMES if max_frames is None else max_frames,
         max_pixels=max_pixels,
+        min_pixels=min_pixels,
+        sampling=sampling,
         chunk_frames=chunk_frames,
         tokens_per_frame=tokens_per_frame,
     )
-    check_model_directory(model_dir, "--model", tokenizer=True)
-    info = probe_video(video)
-    num_frames = fit_frame_count(num_frames, max_frames, info, sampling, warn)
-    sampling_options = {
-        "fps": fps,
-        "num_frames": num_frames,
-        "max_frames": max_frames,
-        "min_pixels": min_pixels,
-        "max_pixels": max_pixels,
-        "sampling": sampling,
-    }
-    plan = sampling_plan(info, **sampling_options)
-
+    settings.check()
+    check_model_directory_for_ask(model_dir)
+    # The video is checked (and a capped frame count told) before the model is loaded.
+    options = settings.sampling_options(video, warn)
     started = time.perf_counter()
-    model = load(model_dir, local_files_only=True, use_safetensors=True).eval()
-    processor = load_processor(model_dir)
-    tokenizer = (
-        processor.tokenizer
-        if processor is not None
-        else AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    )
+    asker = VideoAsker.load(model_dir, settings, style=style, stream=stream, warn=warn)
     loaded = time.perf_counter()
-    style = default_style(model) if style == "auto" else style
-    if stream is None:
-        stream = can_stream(model) and tokens_per_frame is None
-    if stream:
-        temporal = model.config.vision_config.temporal_patch_size
-        chunk_frames = -(-chunk_frames // temporal) * temporal
-        frames = frame_chunks(iter_video_frames(video, **sampling_options), chunk_frames)
+    answer, run = asker.answer(
+        video, question, max_new_tokens=max_new_tokens, progress=progress, options=options
+    )
+    answer.seconds["load_model"] = loaded - started
+    answer.seconds["total"] = time.perf_counter() - started
+    return answer, run
+
+
+def check_model_directory_for_ask(model_dir: str, option: str = "--model") -> None:
+    """A local Qwen2.5-VL-style model directory with safetensors weights and tokenizer files
+    (`check_model_directory`)."""
+    from linvid.models.directory import check_model_directory
+
+    check_model_directory(model_dir, option, tokenizer=True)
+
+
+@dataclass(frozen=True)
+class VideoSettings:
+    """How `linvid ask` (and the lmms-eval plugin) read a video file: the sampling and sizing
+    options of `load_video`, the streamed chunk and per-frame ToMe."""
+
+    fps: float | None = 1.0
+    num_frames: int | None = None
+    max_frames: int = FPS_MAX_FRAMES
+    max_pixels: int = MAX_PIXELS
+    min_pixels: int = MIN_PIXELS
+    sampling: str = "qwen"
+    chunk_frames: int = 32
+    tokens_per_frame: int | None = None
+
+    def check(self) -> None:
+        check_ask_options(
+            fps=self.fps,
+            num_frames=self.num_frames,
+            max_frames=self.max_frames,
+            min_pixels=self.min_pixels,
+            max_pixels=self.max_pixels,
+            chunk_frames=self.chunk_frames,
+            tokens_per_frame=self.tokens_per_frame,
+        )
+
+    def sampling_options(self, video: str, warn=_print_warning) -> dict:
+        """`load_video` / `iter_video_frames` keywords for `video` (its frame count fitted by
+        `fit_frame_count`)."""
+        from linvid.video.io import probe_video
+
+        info = probe_video(video)
+        num_frames = fit_frame_count(self.num_frames, self.max_frames, info, self.sampling, warn)
+        return {
+            "fps": self.fps,
+            "num_frames": num_frames,
+            "max_frames": self.max_frames,
+            "min_pixels": self.min_pixels,
+            "max_pixels": self.max_pixels,
+            "sampling": self.sampling,
+        }
+
+
+class VideoAsker:
+    """A loaded model with `linvid ask`'s settings, answering questions about video files: the
+    one path `linvid ask` and the lmms-eval plugin share."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        processor,
+        settings: VideoSettings,
+        *,
+        style: str = "auto",
+        stream: bool | None = None,
+        warn=_print_warning,
+    ):
+        self.model, self.tokenizer, self.processor = model, tokenizer, processor
+        self.settings = settings
+        self.style = default_style(model) if style == "auto" else style
+        if stream and not can_stream(model):
+            raise ValueError(
+                "streaming prefill needs a linvid student whose every layer is a causal linear "
+                f"mixer ({', '.join(STREAMING_MIXERS)}); this model has attention or M-MATE "
+                "layers"
+            )
+        if stream is None:
+            stream = can_stream(model) and settings.tokens_per_frame is None
+        self.stream = stream
+        self.warn = warn
+
+    @classmethod
+    def load(
+        cls, model_dir: str, settings: VideoSettings, *, dtype=None, device=None, **options
+    ) -> VideoAsker:
+        """Load `model_dir` (safetensors only, offline) with its processor or tokenizer."""
+        from transformers import AutoTokenizer
+
+        from linvid.models.convert import load
+
+        kwargs = {"local_files_only": True, "use_safetensors": True}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        model = load(model_dir, **kwargs).eval()
+        if device is not None:
+            model = model.to(device)
+        processor = load_processor(model_dir)
+        tokenizer = (
+            processor.tokenizer
+            if processor is not None
+            else AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        )
+        return cls(model, tokenizer, processor, settings, **options)
+
+    def frames(self, video: str, *, progress: bool = False, options: dict | None = None):
+        """The sampled frames of `video`, (T, 3, H, W) uint8 (an iterator of chunks when
+        streaming), and its sampling plan. options: `VideoSettings.sampling_options` of the
+        video, when already computed."""
+        from linvid.video.io import iter_video_frames, load_video, probe_video, sampling_plan
+
+        if options is None:
+            options = self.settings.sampling_options(video, self.warn)
+        plan = sampling_plan(probe_video(video), **options)
+        if not self.stream:
+            frames, _ = load_video(video, **options)
+            return frames, plan
+        temporal = self.model.config.vision_config.temporal_patch_size
+        chunk_frames = -(-self.settings.chunk_frames // temporal) * temporal
+        frames = frame_chunks(iter_video_frames(video, **options), chunk_frames)
         if progress:
             from tqdm import tqdm
 
             total = -(-len(plan.times) // chunk_frames)
             frames = tqdm(frames, desc="prefill", unit="chunk", total=total, file=sys.stderr)
-    else:
-        frames, _ = load_video(video, **sampling_options)
-    try:
-        answer = ask(
-            model,
-            tokenizer,
-            frames,
-            question,
-            style=style,
-            max_new_tokens=max_new_tokens,
-            stream=stream,
-            min_pixels=min_pixels,
-            max_pixels=max_pixels,
-            tokens_per_frame=tokens_per_frame,
-            sample_fps=plan.sample_fps,
-            processor=processor,
-        )
-    finally:
-        if hasattr(frames, "close"):  # the progress bar ends here, also on Ctrl-C or an error
-            frames.close()
-    answer.seconds["load_model"] = loaded - started
-    answer.seconds["total"] = time.perf_counter() - started
-    run = {
-        "model": type(model).__name__,
-        "style": style,
-        "streamed": answer.streamed,
-        "processor": type(processor).__name__ if processor is not None else None,
-        "sampling": sampling,
-        "sample_fps": plan.sample_fps,
-    }
-    return answer, run
+        return frames, plan
+
+    def answer(
+        self,
+        video: str,
+        question: str,
+        *,
+        max_new_tokens: int = 32,
+        progress: bool = False,
+        options: dict | None = None,
+    ) -> tuple[Answer, dict]:
+        """Greedy answer to `question` about the video file, and a description of the run.
+        options: `VideoSettings.sampling_options` of the video, when already computed."""
+        started = time.perf_counter()
+        frames, plan = self.frames(video, progress=progress, options=options)
+        try:
+            answer = ask(
+                self.model,
+                self.tokenizer,
+                frames,
+                question,
+                style=self.style,
+                max_new_tokens=max_new_tokens,
+                stream=self.stream,
+                min_pixels=self.settings.min_pixels,
+                max_pixels=self.settings.max_pixels,
+                tokens_per_frame=self.settings.tokens_per_frame,
+                sample_fps=plan.sample_fps,
+                processor=self.processor,
+            )
+        finally:
+            if hasattr(frames, "close"):  # the progress bar ends here, also on Ctrl-C or an error
+                frames.close()
+        answer.seconds["total"] = time.perf_counter() - started
+        run = {
+            "model": type(self.model).__name__,
+            "style": self.style,
+            "streamed": answer.streamed,
+            "processor": type(self.processor).__name__ if self.processor is not None else None,
+            "sampling": self.settings.sampling,
+            "sample_fps": plan.sample_fps,
+        }
+        return answer, run

@@ -197,7 +197,7 @@ def option_scores(
     `prepare(model, batch) -> batch` applied before the forward (e.g. a student's per-frame
     ToMe or TransV settings); it may shorten rows as long as labels follow their tokens."""
     encoder = encoder or AnswerEncoder(tokenizer, model.config, style=style)
-    return _scores(model, [question], prompt, encoder, prepare)[0]
+    return question_scores(model, [question], prompt, encoder, prepare)[0]
 
 
 def choose_option(model, tokenizer, question, **kwargs) -> int:
@@ -205,10 +205,12 @@ def choose_option(model, tokenizer, question, **kwargs) -> int:
     return int(option_scores(model, tokenizer, question, **kwargs).argmax())
 
 
-def _scores(model, questions, prompt, encoder, prepare) -> list[torch.Tensor]:
-    """Option scores of each question. Rows go through the model in groups that share their
-    video's shape and prompt length (one forward for a whole group), so that `prepare` sees
-    uniform rows; right padding handles the options' different lengths."""
+def question_scores(model, questions, prompt, encoder, prepare) -> list[torch.Tensor]:
+    """Option scores of each question (a list of (len(options),) tensors). `prompt`: the
+    prompt text, a function of the question, or None (question.prompt). Rows go through the
+    model in groups that share their video's shape and prompt length (one forward for a whole
+    group), so that `prepare` sees uniform rows; right padding handles the options' different
+    lengths."""
     items, owners, videos = [], [], {}
     for number, question in enumerate(questions):
         text = _prompt_of(question, prompt)
@@ -283,7 +285,7 @@ def evaluate(
     for start in range(0, len(questions), batch_questions):
         chunk = questions[start : start + batch_questions]
         for question, scores in zip(
-            chunk, _scores(model, chunk, prompt, encoder, prepare), strict=True
+            chunk, question_scores(model, chunk, prompt, encoder, prepare), strict=True
         ):
             choice = int(scores.argmax())
             records.append(

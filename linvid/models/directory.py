@@ -45,7 +45,7 @@ def check_model_directory(
     - its model_type is one of `model_types` (default: a Qwen2.5-VL-style video model, a
       teacher or a linvid student); a text-only or other model is named by its model_type
       and architecture;
-    - it holds safetensors weights (*.safetensors, or a model.safetensors.index.json); a
+    - it holds safetensors weights (*.safetensors, or a model.safetensors.index[.linvid].json); a
       directory with only pickle weights (*.bin, *.pt, ...) is refused: linvid never
       unpickles a checkpoint;
     - with `tokenizer`, it holds tokenizer files (one of TOKENIZER_FILES).
@@ -118,7 +118,8 @@ def _check_model_type(config: dict, path, option: str, model_types: tuple[str, .
 def _check_weights(directory: Path, path, option: str) -> None:
     names = sorted(entry.name for entry in directory.iterdir() if entry.is_file())
     if any(
-        name.endswith(".safetensors") or name == "model.safetensors.index.json" for name in names
+        name.endswith(".safetensors") or name.startswith("model.safetensors.index.")
+        for name in names
     ):
         return
     pickles = [name for name in names if name.endswith(PICKLE_SUFFIXES)]

@@ -5,11 +5,20 @@ A student is still a `Qwen2_5_VLForConditionalGeneration` (same vision tower, em
 MLPs, norms, LM head, generate()); its config has model_type "linvid_qwen2_5_vl" and records
 the conversion plan, so `AutoModelForImageTextToText.from_pretrained(dir)` rebuilds it after
 `import linvid`, with no remote code.
+
+Its weights are saved as the "linvid" variant of transformers' checkpoint layout
+(model.linvid.safetensors, or model.linvid-0000N-of-0000M.safetensors with
+model.safetensors.index.linvid.json): a loader that does not know the plan (plain
+`Qwen2_5_VLForConditionalGeneration.from_pretrained`, lmms-eval's built-in qwen2_5_vl) finds
+no model.safetensors and stops with an error, instead of loading the converted layers'
+attention weights as MISSING (freshly initialised) and scoring the wrong model. The student
+class picks the variant itself; directories saved before this layout still load.
 """
 
 from __future__ import annotations
 
 import contextvars
+import os
 
 import torch
 from transformers import (
@@ -33,6 +42,7 @@ from linvid.models.transv import apply_transv
 from linvid.video.scenes import scene_boundaries, scene_tokens
 
 IMAGE_TYPE, VIDEO_TYPE = 1, 2  # Qwen2.5-VL's mm_token_type_ids: 0 text, 1 image, 2 video
+STUDENT_VARIANT = "linvid"  # checkpoint files model.linvid*.safetensors (see the module doc)
 NAMED_WEIGHTS = 3  # weight names quoted per kind in a StudentWeightsError
 # (source, ignore_mismatched_sizes) while a strict `from_pretrained` of a student runs, else
 # None; read by the loading hook.
@@ -70,6 +80,19 @@ def check_student_weights(source: str, *, missing=(), unexpected=(), mismatched=
             "Its config.json plan (linvid_plan) must be the one it was saved with; a changed "
             "plan needs a new student (linvid convert from the teacher)"
         )
+
+
+def student_variant(source) -> str | None:
+    """The checkpoint variant to load a student from: "linvid", except for a local directory
+    saved before the variant layout (plain model*.safetensors files), which loads as saved."""
+    if not os.path.isdir(source):
+        return STUDENT_VARIANT
+    names = os.listdir(source)
+    if any(name.startswith(f"model.{STUDENT_VARIANT}") for name in names):
+        return STUDENT_VARIANT
+    if any(name.startswith("model") and name.endswith(".safetensors") for name in names):
+        return None
+    return STUDENT_VARIANT
 
 
 class LinvidQwen2_5_VLConfig(Qwen2_5_VLConfig):
@@ -116,6 +139,8 @@ class LinvidQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         (unless ignore_mismatched_sizes) raises `StudentWeightsError` naming a few of them
         and their count. A caller passing output_loading_info=True gets transformers'
         (model, loading_info) and judges the loading info itself, without this check."""
+        if kwargs.get("variant") is None:
+            kwargs["variant"] = student_variant(pretrained_model_name_or_path)
         wants_info = bool(kwargs.pop("output_loading_info", False))
         strict = not wants_info
         allow_mismatched = bool(kwargs.get("ignore_mismatched_sizes", False))
@@ -139,6 +164,13 @@ class LinvidQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
             mismatched=() if allow_mismatched else info.get("mismatched_keys", ()),
         )
         return model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save_pretrained, in the "linvid" variant of the checkpoint layout
+        (see the module doc) unless a variant is given."""
+        if kwargs.get("variant") is None:
+            kwargs["variant"] = STUDENT_VARIANT
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
         # transformers' hook (5.x) that settles the missing and unexpected keys just before

@@ -149,8 +149,10 @@ def video_inputs(
     Returns {"pixel_values_videos": (t*h*w, C) float32, "video_grid_thw": (1, 3) long,
     "second_per_grid_ts": (1,) float32 = temporal_patch_size / sample_fps}.
     """
-    if isinstance(sample_fps, bool) or not isinstance(sample_fps, int | float) or not (
-        sample_fps > 0
+    if (
+        isinstance(sample_fps, bool)
+        or not isinstance(sample_fps, int | float)
+        or not (sample_fps > 0)
     ):
         raise ValueError(f"sample_fps must be > 0 (frames per second), got {sample_fps!r}")
     if processor is not None:

@@ -171,9 +171,13 @@ def make_sample(task: str, num_frames: int, seed: int, *, size: int = 56) -> Nee
 
 def prompt_text(sample: NeedleSample) -> str:
     """The question, the options line and paper 000's open-ended instruction, one per line."""
-    return "\n".join(
-        (sample.question, OPTIONS_PREFIX + ", ".join(sample.options), ANSWER_INSTRUCTION)
-    )
+    return prompt_for(sample.question, sample.options)
+
+
+def prompt_for(question: str, options) -> str:
+    """`prompt_text` of a question and its options in this order (e.g. read from a written
+    data set's vnbench.jsonl)."""
+    return "\n".join((question, OPTIONS_PREFIX + ", ".join(options), ANSWER_INSTRUCTION))
 
 
 @functools.cache

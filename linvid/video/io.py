@@ -842,8 +842,12 @@ def write_video(
         if crf is not None and codec == "libx264":
             encoder_options["crf"] = str(crf)
         elif crf is not None:
-            stream.codec_context.qscale = True
-            stream.codec_context.global_quality = min(31, max(1, round(1 + crf * 30 / 51)))
+            quality = min(31, max(1, round(1 + crf * 30 / 51)))
+            if hasattr(stream.codec_context, "global_quality"):
+                stream.codec_context.qscale = True
+                stream.codec_context.global_quality = quality
+            else:  # PyAV < 16 (lmms-eval needs av<16): the same fields as codec options
+                encoder_options.update(flags="+qscale", global_quality=str(quality))
         stream.options = encoder_options
         for index, frame in enumerate(_chain(first, iterator)):
             frame = _as_hwc(frame, f"frames[{index}]")

@@ -107,8 +107,8 @@ def steps(out) -> list[int]:
 
 
 def assert_same_student(out, reference):
-    expected = load_file(str(Path(reference) / "student" / "model.safetensors"))
-    resumed = load_file(str(Path(out) / "student" / "model.safetensors"))
+    expected = load_file(str(Path(reference) / "student" / "model.linvid.safetensors"))
+    resumed = load_file(str(Path(out) / "student" / "model.linvid.safetensors"))
     assert resumed.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=1e-7, msg=name)
@@ -188,7 +188,7 @@ def test_overwrite_replaces_the_student_only_once_saved_whole(workspace, tmp_pat
     assert steps(out) == [1]
     after = file_hashes(out / "student")
     assert after.keys() == before.keys()
-    assert after["model.safetensors"] != before["model.safetensors"]  # one step, not four
+    assert after["model.linvid.safetensors"] != before["model.linvid.safetensors"]  # one step, not four
 
 
 # --- case 2: --resume needs a run ---------------------------------------------------------

@@ -99,7 +99,7 @@ def arguments(workspace, out, *extra, recipe="recipe.yaml"):
 
 
 def student_weights(out):
-    return load_file(str(Path(out) / "student" / "model.safetensors"))
+    return load_file(str(Path(out) / "student" / "model.linvid.safetensors"))
 
 
 def free_port():

@@ -87,11 +87,11 @@ def test_transv_off_then_on_with_tome(workspace, tmp_path):
         )
         == 0
     )
-    after_first = alphas(load_file(str(tmp_path / "first" / "student" / "model.safetensors")))
+    after_first = alphas(load_file(str(tmp_path / "first" / "student" / "model.linvid.safetensors")))
     assert all(float(value.abs().max()) == 0 for value in after_first.values())  # alpha starts at 0
 
     assert main(arguments(workspace, out, workspace / "recipe.yaml")) == 0
-    after_both = alphas(load_file(str(out / "student" / "model.safetensors")))
+    after_both = alphas(load_file(str(out / "student" / "model.linvid.safetensors")))
     assert any(float(value.abs().max()) > 0 for value in after_both.values())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3, 4]

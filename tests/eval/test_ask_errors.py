@@ -71,7 +71,6 @@ def workspace(tmp_path_factory):
     return root
 
 
-
 def error_line(result: subprocess.CompletedProcess) -> str:
     """The one `linvid ask: error:` line of a refused run (exit 2, no traceback)."""
     assert result.returncode == 2, result.stderr[-3000:]

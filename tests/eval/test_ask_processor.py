@@ -47,9 +47,7 @@ def frames():
     return torch.randint(0, 256, (7, 3, 56, 112), generator=generator, dtype=torch.uint8)
 
 
-def test_streamed_calls_hold_exactly_the_processors_whole_video_inputs(
-    teacher, processor, frames
-):
+def test_streamed_calls_hold_exactly_the_processors_whole_video_inputs(teacher, processor, frames):
     student = linvid.convert(teacher, "rwkv6-all")
     encoder = VideoPromptEncoder(student, None, processor, **PIXELS)
     whole = encoder.whole(frames, QUESTION, "standard", sample_fps=1.0)
@@ -148,9 +146,7 @@ def test_greedy_on_both_paths_whatever_the_generation_config(teacher, processor,
     assert whole.new_tokens == streamed.new_tokens == expected
     assert student.generation_config is config and config.repetition_penalty == 1.05
     with greedy_generation(student, tokenizer) as greedy:
-        assert greedy.repetition_penalty is None and greedy.eos_token_id == [
-            tokenizer.eos_token_id
-        ]
+        assert greedy.repetition_penalty is None and greedy.eos_token_id == [tokenizer.eos_token_id]
 
 
 def test_ask_command_uses_the_model_directorys_processor(tmp_path, teacher, processor, capsys):
@@ -162,8 +158,9 @@ def test_ask_command_uses_the_model_directorys_processor(tmp_path, teacher, proc
     processor.tokenizer.save_pretrained(tokenizer_only)
     video = tmp_path / "clip.mp4"
     generator = torch.Generator().manual_seed(2)
-    write_video(video, torch.randint(0, 256, (9, 3, 56, 112), generator=generator,
-                                     dtype=torch.uint8), fps=4)
+    write_video(
+        video, torch.randint(0, 256, (9, 3, 56, 112), generator=generator, dtype=torch.uint8), fps=4
+    )
     results = {}
     for directory in (with_processor, tokenizer_only):
         arguments = [str(video), QUESTION, "--model", str(directory), "--json"]

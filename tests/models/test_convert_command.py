@@ -65,8 +65,6 @@ def test_convert_command_rejects_unknown_presets(tmp_path, capsys, preset):
 # are what is checked, and every byte of what was there before must still be there.
 
 
-
-
 def cli_together(*commands: list[str]) -> list[subprocess.CompletedProcess]:
     """Several `cli` runs side by side (each pays the interpreter's start-up once)."""
     processes = [
@@ -84,7 +82,6 @@ def cli_together(*commands: list[str]) -> list[subprocess.CompletedProcess]:
         out, error = process.communicate(timeout=300)
         results.append(subprocess.CompletedProcess(command, process.returncode, out, error))
     return results
-
 
 
 def convert_arguments(teacher_dir, out) -> list[str]:
@@ -141,7 +138,8 @@ def test_convert_overwrite_leaves_exactly_the_new_student(teacher_dir, tmp_path,
     assert sorted(file_hashes(out)) == sorted(file_hashes(fresh))
     assert (out / "config.json").read_text() == (fresh / "config.json").read_text()
     assert (
-        load_file(out / "model.safetensors").keys() == load_file(fresh / "model.safetensors").keys()
+        load_file(out / "model.linvid.safetensors").keys()
+        == load_file(fresh / "model.linvid.safetensors").keys()
     )
     assert sorted(path.name for path in tmp_path.iterdir()) == ["fresh", "student", "teacher"]
     assert isinstance(linvid.load(out), LinvidQwen2_5_VLForConditionalGeneration)

@@ -123,8 +123,8 @@ def test_a_saved_student_loads_with_every_weight(workspace, tmp_path, capfd):
     """The strict check leaves a whole student (and a plain teacher) as it was: saved again,
     the loaded student writes the same tensors."""
     linvid.load(workspace / "student").save_pretrained(tmp_path)
-    saved = load_file(workspace / "student" / "model.safetensors")
-    again = load_file(tmp_path / "model.safetensors")
+    saved = load_file(workspace / "student" / "model.linvid.safetensors")
+    again = load_file(tmp_path / "model.linvid.safetensors")
     assert again.keys() == saved.keys()
     for name, tensor in saved.items():
         torch.testing.assert_close(again[name], tensor, rtol=0, atol=0, msg=name)
@@ -171,3 +171,30 @@ def test_distill_refuses_a_student_whose_plan_was_changed(workspace, tmp_path):
     (line,) = [line for line in result.stderr.splitlines() if "linvid distill: error:" in line]
     assert_names_the_weights(line, directory)
     assert not (tmp_path / "run" / "student").exists()
+
+
+def test_a_loader_that_does_not_know_the_plan_is_refused(workspace):
+    """Issue #13: a student's weights are the "linvid" variant of the checkpoint layout, so
+    plain Qwen2.5-VL loading (what lmms-eval's built-in qwen2_5_vl model does) stops with an
+    error instead of loading the converted layers as freshly initialised attention."""
+    student = workspace / "student"
+    assert (student / "model.linvid.safetensors").is_file()
+    assert not (student / "model.safetensors").exists()
+    with pytest.raises(OSError, match="model.safetensors"):
+        Qwen2_5_VLForConditionalGeneration.from_pretrained(student, local_files_only=True)
+    assert isinstance(linvid.load(student), LinvidQwen2_5_VLForConditionalGeneration)
+
+
+def test_a_student_saved_before_the_variant_layout_still_loads(workspace, tmp_path):
+    """A directory with plain model.safetensors (students saved before issue #13) loads with
+    the same weights, and is saved again in the variant layout."""
+    old = tmp_path / "old"
+    shutil.copytree(workspace / "student", old)
+    (old / "model.linvid.safetensors").rename(old / "model.safetensors")
+    loaded = linvid.load(old)
+    expected = load_file(workspace / "student" / "model.linvid.safetensors")
+    for name, tensor in loaded.state_dict().items():
+        if name in expected:
+            torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)
+    loaded.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "model.linvid.safetensors").is_file()
