@@ -68,7 +68,7 @@ def metrics(out) -> list[dict]:
 
 
 def student_weights(out) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(out) / "student" / "model.safetensors"))
+    return load_file(str(Path(out) / "student" / "model.linvid.safetensors"))
 
 
 @pytest.fixture(scope="module")
