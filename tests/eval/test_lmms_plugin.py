@@ -33,6 +33,7 @@ from linvid.video.io import load_video
 
 PIXELS = 56 * 56
 MODEL_ARGS = f"min_pixels={PIXELS},max_pixels={PIXELS},fps=1"
+PIXEL_ARGS = {"min_pixels": PIXELS, "max_pixels": PIXELS, "fps": 1}
 MAX_NEW_TOKENS = 16  # the generation tasks' max_new_tokens
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
@@ -278,3 +279,53 @@ def test_plugin_refuses_what_it_cannot_do_with_clear_errors(workspace):
         model._video(lambda doc: ["a.mp4", "b.mp4"], 1, "t", "test")
     with pytest.raises(ValueError, match="decodes greedily"):
         model._generate("v.mp4", "question", {"temperature": 0.7})
+
+
+def test_multi_round_generation_follows_the_tasks_rounds(workspace):
+    """generate_until_multi_round: round 0 answers the request's context; each next round's
+    prompt comes from the task's doc_to_text (lmms-eval's protocol) until it says stop; the
+    result is the list of every round's answer, each the one `linvid ask` gives."""
+    from lmms_eval.api.instance import Instance
+
+    from linvid.eval.lmms_model import LinvidModel
+
+    doc = documents(workspace, "linvid_niah_gen")[0]
+    prompts = [doc["prompt"], "How many needles were there?"]
+
+    def doc_to_text(document, previous_output, round_idx, previous_round_info):
+        assert document is doc and len(previous_output) == round_idx
+        visuals = [document["video_path"]]
+        if round_idx < len(prompts):
+            return visuals, prompts[round_idx], False, previous_output, {"round": round_idx}
+        return visuals, None, True, previous_output, previous_round_info
+
+    model = LinvidModel(pretrained=str(workspace / "teacher"), device="cpu", **PIXEL_ARGS)
+    model.task_dict = {"t": {"test": [doc]}}
+    request = Instance(
+        request_type="generate_until_multi_round",
+        arguments=(
+            prompts[0],
+            {"max_new_tokens": 8},
+            lambda d: [d["video_path"]],
+            doc_to_text,
+            0,
+            "t",
+            "test",
+        ),
+        idx=0,
+        metadata={"task": "t", "doc_id": 0, "repeats": 1},
+    )
+    [rounds] = model.generate_until_multi_round([request])
+    assert isinstance(rounds, list) and len(rounds) == 2
+    expected = [
+        ask_video_file(
+            str(workspace / "teacher"),
+            doc["video_path"],
+            prompt,
+            max_new_tokens=8,
+            min_pixels=PIXELS,
+            max_pixels=PIXELS,
+        )[0].text  # fmt: skip
+        for prompt in prompts
+    ]
+    assert rounds == expected
