@@ -69,7 +69,7 @@ bench-models: install
 # 2 CPU cores (docs/mutation.md has the times), so not part of `make test`. Its state lives in
 # mutants/: a rerun goes on where the last one stopped; remove mutants/ to start afresh.
 #   make mutate MUTATE_PATHS="linvid/niah/scoring.py linvid/ops"   only these files / folders
-#   make mutate MUTANTS="linvid.niah.scoring.x_parse_answer__mutmut_3 linvid.ops.wkv6.*"
+#   make mutate MUTANTS="linvid.niah.scoring.x_depth_bin__mutmut_4 linvid.ops.wkv6.*"
 #       (re)tests exactly these mutants (names or globs), decided or not: after a new test
 # MUTATE_JOBS mutants run side by side; each test process uses one torch thread.
 # It ends with the counts per file and every mutant of the selection that was not killed.

@@ -26,8 +26,6 @@ QUICK = ["demo", "--quick", "--students", "mamba2-hybrid-25"]
 STUDENT = "mamba2-hybrid-25"
 
 
-
-
 def test_ctrl_c_keeps_finished_steps_and_a_rerun_goes_on_from_them(tmp_path, capsys):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "linvid.cli", *QUICK, "--out", str(out)]

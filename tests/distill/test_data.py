@@ -351,9 +351,7 @@ def test_pixel_statistics_follow_the_model(data_dir, tokenizer, config):
     """A model trained with its own pixel mean/std (e.g. [-1, 1] scaling) gets its videos
     normalised that way, and the feature-cache key tells the two apart."""
     clip = make_dataset(data_dir, tokenizer, config)
-    symmetric = make_dataset(
-        data_dir, tokenizer, config, pixel_statistics=((0.5,) * 3, (0.5,) * 3)
-    )
+    symmetric = make_dataset(data_dir, tokenizer, config, pixel_statistics=((0.5,) * 3, (0.5,) * 3))
     pixels = symmetric[0]["pixel_values_videos"]
     assert float(pixels.min()) >= -1 and float(pixels.max()) <= 1
     assert float(clip[0]["pixel_values_videos"].max()) > 1  # CLIP's std stretches past 1

@@ -100,7 +100,6 @@ def cli(command, environment=None):
     return result.returncode, result.stderr
 
 
-
 def steps(out) -> list[int]:
     lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["step"] for line in lines]
@@ -188,7 +187,8 @@ def test_overwrite_replaces_the_student_only_once_saved_whole(workspace, tmp_pat
     assert steps(out) == [1]
     after = file_hashes(out / "student")
     assert after.keys() == before.keys()
-    assert after["model.linvid.safetensors"] != before["model.linvid.safetensors"]  # one step, not four
+    weights = "model.linvid.safetensors"
+    assert after[weights] != before[weights]  # one step, not four
 
 
 # --- case 2: --resume needs a run ---------------------------------------------------------

@@ -87,7 +87,8 @@ def test_transv_off_then_on_with_tome(workspace, tmp_path):
         )
         == 0
     )
-    after_first = alphas(load_file(str(tmp_path / "first" / "student" / "model.linvid.safetensors")))
+    first = tmp_path / "first" / "student" / "model.linvid.safetensors"
+    after_first = alphas(load_file(str(first)))
     assert all(float(value.abs().max()) == 0 for value in after_first.values())  # alpha starts at 0
 
     assert main(arguments(workspace, out, workspace / "recipe.yaml")) == 0

@@ -83,7 +83,6 @@ def workspace(tmp_path_factory):
     return root
 
 
-
 def assert_names_the_weights(message: str, directory) -> None:
     assert str(directory) in message and "does not match its weights" in message
     assert "weights missing from the checkpoint" in message

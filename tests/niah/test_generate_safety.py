@@ -24,7 +24,6 @@ def small_dataset(out: Path, seed: int = 0) -> None:
     write_dataset(out, tasks=("retrieval",), frames=(16,), n=2, seed=seed)
 
 
-
 def generate(*arguments, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "linvid.cli", "niah", "generate", *map(str, arguments)],
@@ -33,7 +32,6 @@ def generate(*arguments, cwd=None) -> subprocess.CompletedProcess:
         cwd=cwd,
         timeout=120,
     )
-
 
 
 def test_a_non_empty_out_is_refused_without_overwrite_and_left_as_it_was(tmp_path):
