@@ -1,9 +1,12 @@
 """After a TransV drop (paper 002), a student's linear mixers read the shortened rows: rows of
 a batch keep different numbers of tokens, so the shortened rows are padded on the left. Every
 logit of each row of a padded batch must equal that sample's logits alone (test_transv_model's
-padded generate() compares three greedy tokens only). Note (docs/mutation.md): at these
-inputs (an untrained student) the logits also agree when the mixers get no context at all
-after the drop, so this test does not catch that mutant; why is still open."""
+padded generate() compares three greedy tokens only).
+
+The mixers' biases are drawn away from their conversion values: at conversion they are zero,
+and the padding slots' hidden states are zero too (no bias anywhere in Qwen's layers), so a
+mixer that ignored the padding mask would still add nothing there and the test could not tell
+(docs/mutation.md: the `_shorten_context` mutants survived that way)."""
 
 import copy
 
@@ -38,6 +41,10 @@ def test_mixers_after_a_drop_mask_the_padding_of_the_shortened_rows(teacher, mix
     with torch.no_grad():
         for module in student.model.language_model.transv.values():
             module.alpha.fill_(0.5)  # a trained-looking gate: the transfer is visible
+        generator = torch.Generator().manual_seed(3)
+        for name, parameter in student.named_parameters():
+            if ".mixer." in name and "bias" in name:  # trained-looking mixer biases
+                parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
         batched = batch_inputs(SAMPLES)
         assert not batched["attention_mask"].all()  # the batch is padded
         logits = student(**batched, use_cache=False).logits
