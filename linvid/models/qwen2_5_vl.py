@@ -38,7 +38,7 @@ from linvid.models.cache import HybridCache, cache_keyword, given_cache
 from linvid.models.mixer_attention import ContextHolder, MixerAttention
 from linvid.models.mixers import build_mixer, mixer_needs_scenes
 from linvid.models.plan import ConversionPlan, resolve_plan
-from linvid.models.transv import apply_transv
+from linvid.models.transv import apply_transv, saved_schedule
 from linvid.video.scenes import scene_boundaries, scene_tokens
 
 IMAGE_TYPE, VIDEO_TYPE = 1, 2  # Qwen2.5-VL's mm_token_type_ids: 0 text, 1 image, 2 video
@@ -118,7 +118,8 @@ class LinvidQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         # teacher (linvid.convert).
         replace_layers(self, resolve_plan(config.linvid_plan), init="random")
         if config.linvid_transv:
-            apply_transv(self, config.linvid_transv, init="random")
+            schedule = saved_schedule(config.linvid_transv, self.model.language_model)
+            apply_transv(self, schedule, init="random")
 
     @property
     def plan(self) -> ConversionPlan:

@@ -28,6 +28,7 @@ longer a (T, H, W) grid).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -66,26 +67,51 @@ class TransVPoint:
             raise ValueError(f"unknown TransV mode {self.mode!r}; expected one of {MODES}")
 
 
-def paper_schedule(num_layers: int) -> tuple[TransVPoint, ...]:
-    """Paper 002 §4.1 scaled to `num_layers`: uniform p = 0.5 at layer 7 of 56 and
-    attention-guided p = 0.9 at layer 39 of 56 (TimeViper's 56 layers: 7/56 and 39/56 of the
-    depth, rounded down)."""
+def paper_schedule(
+    num_layers: int, attention_layers: tuple[int, ...] | None = None
+) -> tuple[TransVPoint, ...]:
+    """Paper 002 §4.1 scaled to `num_layers`: uniform p = 0.5 at 7/56 of the depth and
+    attention-guided p = 0.9 at the attention layer nearest to 39/56 of it (both rounded down;
+    the deeper of two equally near attention layers).
+
+    In TimeViper's Nemotron-Nano-v2 (56 layers, attention at 14, 21, 30 and 39) layer 7 is a
+    Mamba-2 layer, which suits a uniform drop, and layer 39 an attention layer, whose scores the
+    attention-guided drop reads (eq. 5). attention_layers: the decoder layers that keep
+    attention; None means all of them (a Transformer teacher). A hybrid student's deep point
+    thus moves to its nearest attention layer (28 layers with mamba2-hybrid-25's Mamba-2 layers
+    3, 7, ..., 27: uniform at 3, attention-guided at 20 rather than the Mamba-2 layer 19). Raises ValueError for
+    fewer than 3 layers or when no attention layer lies after the uniform point."""
     if num_layers < 3:
         raise ValueError(f"the paper schedule needs at least 3 decoder layers, got {num_layers}")
     shallow = max(1, num_layers * 7 // 56)
-    deep = max(shallow + 1, min(num_layers - 1, num_layers * 39 // 56))
+    if attention_layers is None:
+        attention_layers = tuple(range(num_layers))
+    candidates = [index for index in attention_layers if shallow < index < num_layers]
+    if not candidates:
+        raise ValueError(
+            f"the paper schedule's attention-guided TransV needs an attention layer after layer "
+            f"{shallow}, and this model has none (attention layers: {list(attention_layers)}); "
+            "give an explicit uniform-only schedule instead"
+        )
+    target = num_layers * 39 // 56
+    deep = min(candidates, key=lambda index: (abs(index - target), -index))
     return (TransVPoint(shallow, 0.5, "uniform"), TransVPoint(deep, 0.9, "attention"))
 
 
-def resolve_schedule(schedule, num_layers: int) -> tuple[TransVPoint, ...]:
+def resolve_schedule(
+    schedule, num_layers: int, attention_layers: tuple[int, ...] | None = None
+) -> tuple[TransVPoint, ...]:
     """TransV points, sorted by layer, from points, dicts ({"layer", "drop", "mode"}) or "paper".
 
     Layers must be in 1..num_layers-1: layer 0 always sees the whole sequence, which is what
-    keeps the cache's sequence length (read from layer 0) the length of the full input."""
+    keeps the cache's sequence length (read from layer 0) the length of the full input.
+    attention_layers: the decoder layers that keep attention (None: all). An attention-guided
+    point needs one: its scores are that layer's attention (paper 002 eq. 5), which a linear
+    mixer does not have, so such a point at a linear-mixer layer is refused by name."""
     if isinstance(schedule, str):
         if schedule != "paper":
             raise ValueError(f"unknown TransV schedule {schedule!r}; expected 'paper' or a list")
-        return paper_schedule(num_layers)
+        return paper_schedule(num_layers, attention_layers)
     points = []
     for item in schedule:
         if isinstance(item, dict):
@@ -100,6 +126,16 @@ def resolve_schedule(schedule, num_layers: int) -> tuple[TransVPoint, ...]:
                 f"TransV layer {item.layer} is out of range for a model with {num_layers} "
                 f"decoder layers (valid: 1..{num_layers - 1})"
             )
+        if (
+            item.mode == "attention"
+            and attention_layers is not None
+            and item.layer not in attention_layers
+        ):
+            raise ValueError(
+                f"attention-guided TransV at layer {item.layer} needs an attention layer, but "
+                f"layer {item.layer} is a linear-mixer layer of this student; "
+                f"{_nearest_attention(item.layer, attention_layers)}"
+            )
         points.append(item)
     layers = [point.layer for point in points]
     if len(set(layers)) != len(layers):
@@ -109,13 +145,64 @@ def resolve_schedule(schedule, num_layers: int) -> tuple[TransVPoint, ...]:
     return tuple(sorted(points, key=lambda point: point.layer))
 
 
+def saved_schedule(points: list[dict], text_model) -> list[dict]:
+    """A schedule read from a saved student's config (`linvid_transv`), made loadable. Students
+    saved before attention-guided points were refused at linear-mixer layers may hold such
+    points, which ran as uniform drops (no attention scores there): they load as the uniform
+    points they always were, with a warning, rather than being refused."""
+    attention_layers = _attention_layers(text_model)
+    fixed = []
+    for point in points:
+        point = dict(point)
+        if point.get("mode") == "attention" and point.get("layer") not in attention_layers:
+            warnings.warn(
+                f"this student was saved with an attention-guided TransV at linear-mixer layer "
+                f"{point['layer']}, which always ran as a uniform drop; it loads as uniform "
+                f"({_nearest_attention(point['layer'], attention_layers)})",
+                stacklevel=3,
+            )
+            point["mode"] = "uniform"
+        fixed.append(point)
+    return fixed
+
+
+def _nearest_attention(layer: int, attention_layers) -> str:
+    """The hint of a refused attention-guided point: the attention layers nearest `layer`."""
+    if not attention_layers:
+        return "it has no attention layer at all: use mode 'uniform'"
+    distance = min(abs(index - layer) for index in attention_layers)
+    nearest = [index for index in attention_layers if abs(index - layer) == distance]
+    return f"nearest attention layers: {nearest} (or use mode 'uniform' there)"
+
+
+def _attention_layers(text_model) -> tuple[int, ...]:
+    """The decoder layers of a (student's) language model that still run attention."""
+    return tuple(
+        index
+        for index, layer in enumerate(text_model.layers)
+        if not isinstance(layer.self_attn, MixerAttention)
+    )
+
+
+def _transfer_source(layer: int, attention_layers: tuple[int, ...]) -> int | None:
+    """The attention layer whose q/k/v/o a TransV before `layer` starts from: the layer itself
+    when it has attention, else the nearest attention layer (the shallower on a tie); None
+    when the model has no attention layer."""
+    if not attention_layers:
+        return None
+    return min(attention_layers, key=lambda index: (abs(index - layer), index))
+
+
 def apply_transv(model, schedule, *, init: str = "transfer"):
     """Add TransV (paper 002 eq. 5-6) to a Qwen2.5-VL teacher or linvid student, in place.
 
     schedule: "paper", or a list of TransVPoint / {"layer", "drop", "mode"} dicts.
     init: "transfer" copies q/k/v/o of the cross-attention from the attention of the layer it
-    sits before (a linear-mixer layer has none: random init there); "random" uses nn.Linear's
-    default. alpha starts at 0 either way. Returns the model.
+    sits before, or, before a linear-mixer layer (which has none), from the nearest attention
+    layer (the shallower on a tie; random only in a model without attention); "random" uses
+    nn.Linear's default. alpha starts at 0 either way, so the output is the same at init.
+    An attention-guided point must sit at an attention layer (refused by name otherwise; the
+    "paper" schedule picks one). Returns the model.
     """
     if not isinstance(model, Qwen2_5_VLForConditionalGeneration):
         raise ValueError(f"TransV needs a Qwen2.5-VL model, got {type(model).__name__}")
@@ -125,7 +212,8 @@ def apply_transv(model, schedule, *, init: str = "transfer"):
     if isinstance(text_model, TransVTextModel):
         raise ValueError("this model already has TransV")
     text_config = model.config.text_config
-    points = resolve_schedule(schedule, text_config.num_hidden_layers)
+    attention_layers = _attention_layers(text_model)
+    points = resolve_schedule(schedule, text_config.num_hidden_layers, attention_layers)
     if text_model.has_sliding_layers:
         raise ValueError("TransV does not support sliding-window attention layers")
     plan = getattr(model, "plan", None)
@@ -137,11 +225,6 @@ def apply_transv(model, schedule, *, init: str = "transfer"):
                 "needs each video's full (T, H, W) grid, which TransV breaks; put TransV after "
                 "the last M-MATE layer"
             )
-    attention_layers = [
-        index
-        for index, layer in enumerate(text_model.layers)
-        if not isinstance(layer.self_attn, MixerAttention)
-    ]
     # The cache reports the sequence length (decoding positions) from its first attention layer
     # (layer 0 without any): that layer must still see every token.
     length_layer = attention_layers[0] if attention_layers else 0
@@ -154,10 +237,14 @@ def apply_transv(model, schedule, *, init: str = "transfer"):
     modules = nn.ModuleDict()
     for point in points:
         layer = text_model.layers[point.layer]
-        attention = layer.self_attn
-        if init == "transfer" and not isinstance(attention, MixerAttention):
+        source = _transfer_source(point.layer, attention_layers)
+        if init == "transfer" and source is not None:
             module = TransV.from_attention(
-                attention, text_config, layer.input_layernorm, drop=point.drop, mode=point.mode
+                text_model.layers[source].self_attn,
+                text_config,
+                layer.input_layernorm,
+                drop=point.drop,
+                mode=point.mode,
             )
         else:
             heads = text_config.num_attention_heads
@@ -403,11 +490,11 @@ class TransVTextModel(Qwen2_5_VLTextModel):
         """(B, N_max) attention of the last prompt token to each sample's vision tokens, in
         order (paper 002 eq. 5, Attn(X_T1, X)): the layer's own q/k projections and rotary
         embeddings, softmax over all the real tokens that token attends to (as the layer
-        computes it), mean over heads. None for a linear-mixer layer, which has no attention:
-        uniform dropping there."""
+        computes it), mean over heads. Only attention layers have these scores:
+        `resolve_schedule` refuses an attention-guided point anywhere else."""
         attention = decoder_layer.self_attn
         if isinstance(attention, MixerAttention):
-            return None
+            raise RuntimeError("attention-guided TransV reached a linear-mixer layer")
         batch = hidden_states.shape[0]
         head_dim = attention.head_dim
         end = prompt_length  # the query is token end - 1

@@ -19,6 +19,9 @@ SCHEDULE = [
     {"layer": 1, "drop": 0.5, "mode": "uniform"},
     {"layer": 3, "drop": 0.9, "mode": "attention"},
 ]
+# A model without attention layers can only drop uniformly (attention-guided points need an
+# attention layer's scores).
+UNIFORM_SCHEDULE = [dict(point, mode="uniform") for point in SCHEDULE]
 DECODE_STEPS = 4
 
 
@@ -41,16 +44,18 @@ def with_transv(model, schedule=SCHEDULE, alpha=0.5):
     return model.eval()
 
 
-def student(teacher4, layers=(2,)):
+def student(teacher4, layers=(2,), schedule=SCHEDULE):
     # Default: one linear layer between the two TransV points.
-    return with_transv(linvid.convert(teacher4, ConversionPlan(mixer="rwkv6", layers=layers)))
+    converted = linvid.convert(teacher4, ConversionPlan(mixer="rwkv6", layers=layers))
+    return with_transv(converted, schedule)
 
 
 def make(teacher4, kind):
     if kind == "teacher":
         return with_transv(teacher4)
-    # All-linear: attention-guided TransV falls back to uniform dropping.
-    return student(teacher4, (0, 1, 2, 3) if kind == "all-linear" else (2,))
+    if kind == "all-linear":
+        return student(teacher4, (0, 1, 2, 3), UNIFORM_SCHEDULE)
+    return student(teacher4)
 
 
 def logits_of(model, inputs, **kwargs):
@@ -237,7 +242,7 @@ def test_unsupported_uses_are_clear_errors(teacher4):
         apply_transv(model, SCHEDULE)
     mmate = linvid.convert(teacher4, ConversionPlan(mixer="mmate", fraction=1.0))
     with pytest.raises(ValueError, match="M-MATE"):
-        apply_transv(mmate, SCHEDULE)
+        apply_transv(mmate, UNIFORM_SCHEDULE)
     with pytest.raises(ValueError, match="convert its teacher first"):
         linvid.convert(model, ConversionPlan(mixer="rwkv6", layers=(2,)))
     mamba_first = linvid.convert(teacher4, ConversionPlan(mixer="mamba2", layers=(0, 1)))
