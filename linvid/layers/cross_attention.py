@@ -27,6 +27,9 @@ from linvid.ops.validation import check_shape, check_tensor, describe
 
 # tanh(DYNAMIC_GATE_BIAS) = 1/2: every text token starts at the middle of the gate's range.
 DYNAMIC_GATE_BIAS = math.atanh(0.5)
+# "dynamic": g_d * g_s (paper 000 eq. 12); "static": g_s alone, one learnable scalar for every
+# text token (the ablation of paper 000 Table 4, row 4).
+GATES = ("dynamic", "static")
 
 
 class GatedCrossAttention(nn.Module):
@@ -46,6 +49,9 @@ class GatedCrossAttention(nn.Module):
     decoder layer to add to its residual stream. `norm` is held, not registered as a submodule:
     the decoder layer owns it, and registering it twice would duplicate its parameters in
     state_dict (shared tensors that safetensors refuses to save).
+
+    gate "static" (paper 000 Table 4's ablation) drops g_d: branch = X' * g_s, and the module
+    has no dynamic_gate parameters.
 
     Init: q/k/v/o from the teacher attention (`from_attention`, paper 000 §4.3) or nn.Linear's
     default (plain constructor); g_s = 0 so the branch adds exactly zero until g_s is trained;
@@ -69,10 +75,14 @@ class GatedCrossAttention(nn.Module):
         *,
         projection_bias: bool = False,
         output_bias: bool = False,
+        gate: str = "dynamic",
     ):
         super().__init__()
         if not callable(norm):
             raise ValueError(f"norm must be a module (the layer's input norm), got {norm!r}")
+        if gate not in GATES:
+            raise ValueError(f"unknown cross-attention gate {gate!r}; expected one of {GATES}")
+        self.gate = gate
         add_attention_projections(
             self,
             hidden_size,
@@ -82,19 +92,23 @@ class GatedCrossAttention(nn.Module):
             projection_bias=projection_bias,
             output_bias=output_bias,
         )
-        self.dynamic_gate = nn.Linear(hidden_size, 1)
         self.static_gate = nn.Parameter(torch.zeros(1))
-        with torch.no_grad():
-            self.dynamic_gate.weight.zero_()
-            self.dynamic_gate.bias.fill_(DYNAMIC_GATE_BIAS)
+        if gate == "dynamic":
+            self.dynamic_gate = nn.Linear(hidden_size, 1)
+            with torch.no_grad():
+                self.dynamic_gate.weight.zero_()
+                self.dynamic_gate.bias.fill_(DYNAMIC_GATE_BIAS)
         object.__setattr__(self, "norm", norm)
 
     @classmethod
-    def from_attention(cls, attention: nn.Module, config, norm: nn.Module) -> GatedCrossAttention:
+    def from_attention(
+        cls, attention: nn.Module, config, norm: nn.Module, *, gate: str = "dynamic"
+    ) -> GatedCrossAttention:
         """Build from a teacher attention: W_Q, W_K, W_V, W_O and their biases copied as they
         are (paper 000 §4.3; grouped-query heads stay grouped). config: the text config
         (hidden_size, num_attention_heads, num_key_value_heads, optional head_dim); norm: the
-        decoder layer's input_layernorm. Returns a module on the teacher's device and dtype."""
+        decoder layer's input_layernorm; gate: one of GATES. Returns a module on the teacher's
+        device and dtype."""
         geometry = AttentionGeometry.read(attention, config)
         module = cls(
             geometry.hidden_size,
@@ -104,6 +118,7 @@ class GatedCrossAttention(nn.Module):
             norm,
             projection_bias=geometry.projection_bias,
             output_bias=geometry.output_bias,
+            gate=gate,
         )
         copy_attention_projections(module, attention)
         return to_teacher(module, attention)
@@ -169,8 +184,7 @@ class GatedCrossAttention(nn.Module):
             enable_gqa=self.num_heads != self.num_key_value_heads,
         )  # (B, H, n, head_dim)
         attended = attended.transpose(1, 2).reshape(batch, text_count, -1)
-        dynamic_gate = torch.tanh(self.dynamic_gate(text_states))  # g_d: (B, n, 1)
-        branch = self.output(attended) * dynamic_gate * self.static_gate
+        branch = self._gated(self.output(attended), text_states)
         branch = torch.where(keep, branch, 0.0)
         # `order` is a permutation per sample, so no position is written twice.
         return output.scatter(1, index, branch), new_state
@@ -192,9 +206,16 @@ class GatedCrossAttention(nn.Module):
             enable_gqa=self.num_heads != self.num_key_value_heads,
         )  # (B, H, 1, head_dim)
         attended = attended.transpose(1, 2).reshape(batch, 1, -1)
-        dynamic_gate = torch.tanh(self.dynamic_gate(hidden_states))  # g_d: (B, 1, 1)
-        branch = self.output(attended) * dynamic_gate * self.static_gate
+        branch = self._gated(self.output(attended), hidden_states)
         return torch.where(has_scene[:, None, None], branch, 0.0)
+
+    def _gated(self, attended: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
+        """X' * g_d * g_s (paper 000 eq. 12), or X' * g_s with the static gate. attended: X'
+        (B, n, hidden); text_states: the n text tokens' hidden states (B, n, hidden)."""
+        if self.gate == "static":
+            return attended * self.static_gate
+        dynamic_gate = torch.tanh(self.dynamic_gate(text_states))  # g_d: (B, n, 1)
+        return attended * dynamic_gate * self.static_gate
 
     def _scenes(self, context, state, batch: int, hidden_states: torch.Tensor):
         """(keys (B, H_kv, S, hd), values (B, H_kv, S, hd), mask (B, S)) from the context's scene

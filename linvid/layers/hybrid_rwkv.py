@@ -42,14 +42,27 @@ class HybridRWKVMixer(nn.Module):
         )
 
     @classmethod
-    def from_attention(cls, attention: nn.Module, config, norm: nn.Module) -> HybridRWKVMixer:
+    def from_attention(
+        cls,
+        attention: nn.Module,
+        config,
+        norm: nn.Module,
+        *,
+        time_mix_attention: nn.Module | None = None,
+        gate: str = "dynamic",
+    ) -> HybridRWKVMixer:
         """Both branches from one teacher attention (paper 000 §4.3: RWKV's W_r, W_k, W_v and
         the cross-attention's W_Q, W_K, W_V all from the attention's W_Q, W_K, W_V; each branch
         gets its own copy of W_O). norm: the decoder layer's input_layernorm, applied to the
-        scene tokens. Returns a module on the teacher's device and dtype."""
+        scene tokens. time_mix_attention: another attention module for the RWKV branch only
+        (the random-init ablation of paper 000 Table 4 passes a re-initialised copy; the
+        cross-attention still starts from `attention`). gate: the cross-attention's gate
+        ("dynamic" or "static", Table 4). Returns a module on the teacher's device and dtype."""
         return cls(
-            RWKV6TimeMix.from_attention(attention, config),
-            GatedCrossAttention.from_attention(attention, config, norm),
+            RWKV6TimeMix.from_attention(
+                attention if time_mix_attention is None else time_mix_attention, config
+            ),
+            GatedCrossAttention.from_attention(attention, config, norm, gate=gate),
         )
 
     def forward(

@@ -265,9 +265,18 @@ class LocalSwin(nn.Module):
         return output
 
 
+# M-MATE's branches: both (paper 003 Algorithm 1), or one of them alone (the ablations of paper
+# 003 Table 4: Flex-MA only, "a pure Mamba2-based model"; Local-Swin only).
+BRANCHES = ("both", "flex", "swin")
+
+
 class MMATE(nn.Module):
     """LinMU's M-MATE block with the linvid mixer calling convention (base.py): paper 003
     §3.1, Algorithm 1, y = LayerNorm(lambda * y^Flex + (1 - lambda) * y^LS).
+
+    branches "flex" / "swin" (paper 003 Table 4's ablations) build one branch only, with no
+    lambda: y = LayerNorm(y^Flex) or LayerNorm(y^LS) (zero on text tokens, which Local-Swin
+    does not reach; the block then carries no state).
 
     Submodules: flex (FlexMA), swin (LocalSwin), norm (nn.LayerNorm(hidden)); parameter
     flex_weight = lambda, a learnable scalar. The plain constructor is a random init (Mamba-2's
@@ -293,33 +302,41 @@ class MMATE(nn.Module):
         window: tuple[int, int, int] = DEFAULT_WINDOW,
         projection_bias: bool = False,
         output_bias: bool = False,
+        branches: str = "both",
     ):
         super().__init__()
+        if branches not in BRANCHES:
+            raise ValueError(f"unknown M-MATE branches {branches!r}; expected one of {BRANCHES}")
         self.hidden_size = hidden_size
         self.layer_idx = layer_idx
-        self.flex = FlexMA(
-            hidden_size,
-            num_heads,
-            head_dim,
-            layer_idx,
-            num_key_value_heads=num_key_value_heads,
-            state_size=state_size,
-            conv_kernel=conv_kernel,
-            chunk_size=chunk_size,
-            projection_bias=projection_bias,
-            output_bias=output_bias,
-        )
-        self.swin = LocalSwin(
-            hidden_size,
-            num_heads,
-            head_dim,
-            layer_idx,
-            num_key_value_heads=num_key_value_heads,
-            window=window,
-            projection_bias=projection_bias,
-            output_bias=output_bias,
-        )
-        self.flex_weight = nn.Parameter(torch.tensor(0.5))
+        self.branches = branches
+        self.flex = self.swin = self.flex_weight = None
+        if branches != "swin":
+            self.flex = FlexMA(
+                hidden_size,
+                num_heads,
+                head_dim,
+                layer_idx,
+                num_key_value_heads=num_key_value_heads,
+                state_size=state_size,
+                conv_kernel=conv_kernel,
+                chunk_size=chunk_size,
+                projection_bias=projection_bias,
+                output_bias=output_bias,
+            )
+        if branches != "flex":
+            self.swin = LocalSwin(
+                hidden_size,
+                num_heads,
+                head_dim,
+                layer_idx,
+                num_key_value_heads=num_key_value_heads,
+                window=window,
+                projection_bias=projection_bias,
+                output_bias=output_bias,
+            )
+        if branches == "both":
+            self.flex_weight = nn.Parameter(torch.tensor(0.5))
         self.norm = nn.LayerNorm(hidden_size)
 
     @classmethod
@@ -332,6 +349,7 @@ class MMATE(nn.Module):
         window: tuple[int, int, int] = DEFAULT_WINDOW,
         conv_kernel: int = 4,
         chunk_size: int = 64,
+        branches: str = "both",
     ) -> MMATE:
         """Build from a teacher attention with q_proj/k_proj/v_proj/o_proj (paper 003 §3.2.1):
         Flex-MA's C, B, x, out <- W_Q, W_K, W_V, W_O (eq. 4, FlexMA.init_from_attention) and
@@ -342,7 +360,8 @@ class MMATE(nn.Module):
 
         config: the text config (hidden_size, num_attention_heads, num_key_value_heads,
         optional head_dim); layer_idx: this layer's index (scan order and shift), default
-        attention.layer_idx. Returns a module on the teacher's device and dtype.
+        attention.layer_idx; branches: one of BRANCHES (with "swin" the LayerNorm keeps weight
+        1). Returns a module on the teacher's device and dtype.
         """
         if layer_idx is None:
             layer_idx = getattr(attention, "layer_idx", None)
@@ -360,9 +379,13 @@ class MMATE(nn.Module):
             window=window,
             projection_bias=geometry.projection_bias,
             output_bias=geometry.output_bias,
+            branches=branches,
         )
+        if block.swin is not None:
+            block.swin.init_from_attention(attention)
+        if block.flex is None:
+            return to_teacher(block, attention)
         block.flex.init_from_attention(attention)
-        block.swin.init_from_attention(attention)
         with torch.no_grad():
             # Expected root mean square of y^Flex at init: W_o applied to heads normalised to
             # the norm's per-head scales (unit-variance entries times norm.weight).
@@ -382,8 +405,18 @@ class MMATE(nn.Module):
         the positions of context.videos) and videos; state: None or the dict returned for the
         previous tokens. Returns (output (B, L, hidden) in hidden_states' dtype, new state).
         """
+        has_video = context is not None and any(context.videos)
+        if self.flex is None:  # Local-Swin alone: no state; zero without a video (decoding)
+            if state:
+                raise ValueError(
+                    f"a Local-Swin-only M-MATE block has no state, got {sorted(state)}"
+                )
+            swin = self.swin(hidden_states, context) if has_video else hidden_states * 0
+            return self.norm(swin).to(hidden_states.dtype), {}
         flex, new_state = self.flex(hidden_states, context, state)
-        if context is not None and any(context.videos):
+        if self.swin is None:
+            fused = flex
+        elif has_video:
             swin = self.swin(hidden_states, context)
             fused = self.flex_weight * flex + (1 - self.flex_weight) * swin
         else:

@@ -10,6 +10,9 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from linvid.layers.cross_attention import GATES
+from linvid.layers.mmate import BRANCHES
+
 MIXERS = ("rwkv6", "rwkv6_hybrid", "mamba2", "mmate")
 PLACEMENTS = ("early", "middle", "late")
 INITS = ("transfer", "random")
@@ -27,7 +30,14 @@ class ConversionPlan:
         each at the start ("early"), middle or end ("late") of its stride block. fraction 1.0
         replaces every layer.
     init: "transfer" initialises the mixers from the attention weights (W_Q, W_K, W_V, W_O);
-        "random" uses the mixers' own initialisation (an ablation baseline).
+        "random" draws the sequence mixer's projections anew instead (an ablation baseline):
+        the RWKV-6 time mix, Mamba-2 or both M-MATE branches. The scene cross-attention of
+        "rwkv6_hybrid" still starts from the attention (paper 000 Table 4 ablates the RWKV
+        initialisation only).
+    gate: "rwkv6_hybrid"'s cross-attention gate, "dynamic" (g_d * g_s, paper 000 eq. 12) or
+        "static" (g_s alone, Table 4's ablation).
+    branches: "mmate"'s branches, "both" (paper 003 Algorithm 1), "flex" or "swin" alone
+        (paper 003 Table 4's ablations).
     max_scenes, scene_threshold: scene segmentation for "rwkv6_hybrid" (paper 000 §4.1,
         K = 15 boundaries, tau = 0.6).
     window, swin_shift: Local-Swin window (T, H, W) for "mmate" (paper 003: 16 x 4 x 4).
@@ -41,6 +51,8 @@ class ConversionPlan:
     max_scenes: int = 16
     scene_threshold: float = 0.6
     window: tuple[int, int, int] = (16, 4, 4)
+    gate: str = "dynamic"
+    branches: str = "both"
     options: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -64,6 +76,19 @@ class ConversionPlan:
         object.__setattr__(self, "window", tuple(int(size) for size in self.window))
         if self.max_scenes < 1:
             raise ValueError(f"max_scenes must be >= 1, got {self.max_scenes}")
+        if self.gate not in GATES:
+            raise ValueError(f"unknown gate {self.gate!r}; expected one of {GATES}")
+        if self.gate != "dynamic" and self.mixer != "rwkv6_hybrid":
+            raise ValueError(
+                f"gate {self.gate!r} applies to the rwkv6_hybrid mixer's cross-attention only, "
+                f"not to {self.mixer!r}"
+            )
+        if self.branches not in BRANCHES:
+            raise ValueError(f"unknown branches {self.branches!r}; expected one of {BRANCHES}")
+        if self.branches != "both" and self.mixer != "mmate":
+            raise ValueError(
+                f"branches {self.branches!r} applies to the mmate mixer only, not to {self.mixer!r}"
+            )
 
     def layer_indices(self, num_layers: int) -> tuple[int, ...]:
         """The decoder layers this plan replaces in a model with `num_layers` layers."""

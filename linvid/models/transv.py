@@ -79,8 +79,9 @@ def paper_schedule(
     attention-guided drop reads (eq. 5). attention_layers: the decoder layers that keep
     attention; None means all of them (a Transformer teacher). A hybrid student's deep point
     thus moves to its nearest attention layer (28 layers with mamba2-hybrid-25's Mamba-2 layers
-    3, 7, ..., 27: uniform at 3, attention-guided at 20 rather than the Mamba-2 layer 19). Raises ValueError for
-    fewer than 3 layers or when no attention layer lies after the uniform point."""
+    3, 7, ..., 27: uniform at 3, attention-guided at 20 rather than the Mamba-2 layer 19).
+    Raises ValueError for fewer than 3 layers or when no attention layer lies after the
+    uniform point."""
     if num_layers < 3:
         raise ValueError(f"the paper schedule needs at least 3 decoder layers, got {num_layers}")
     shallow = max(1, num_layers * 7 // 56)

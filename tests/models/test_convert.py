@@ -19,6 +19,10 @@ PLANS = {
     "mamba2": ConversionPlan(mixer="mamba2", layers=(0,)),
     "mmate_all": ConversionPlan(mixer="mmate", fraction=1.0),
     "rwkv6_all": ConversionPlan(mixer="rwkv6", fraction=1.0),
+    # The papers' ablations (paper 000 Table 4, paper 003 Table 4).
+    "rwkv6_hybrid_static": ConversionPlan(mixer="rwkv6_hybrid", layers=(1,), gate="static"),
+    "mmate_flex": ConversionPlan(mixer="mmate", fraction=1.0, branches="flex"),
+    "mmate_swin": ConversionPlan(mixer="mmate", fraction=1.0, branches="swin"),
 }
 
 
@@ -57,7 +61,9 @@ def test_converted_layers_and_kept_modules(teacher, name):
     assert torch.equal(student.lm_head.weight, teacher.lm_head.weight)
 
 
-@pytest.mark.parametrize("name", sorted(PLANS))
+# Local-Swin alone gives the text tokens no attention output at all (it covers vision tokens
+# only): that ablation does not start near the teacher, as its paper 003 Table 4 scores show.
+@pytest.mark.parametrize("name", sorted(set(PLANS) - {"mmate_swin"}))
 def test_student_logits_at_init_are_finite_and_follow_the_teacher(teacher, video_inputs, name):
     student = linvid.convert(teacher, PLANS[name])
     student_logits = logits_of(student, video_inputs)
@@ -179,6 +185,14 @@ def test_bad_plans_are_clear_errors(teacher):
         linvid.convert(teacher, "qwen-rwkv-vl-75")
     with pytest.raises(ValueError, match="cannot convert a Linear"):
         linvid.convert(torch.nn.Linear(2, 2), "linmu")
+    with pytest.raises(ValueError, match=r"unknown gate 'none'; expected one of \('dynamic'"):
+        ConversionPlan(mixer="rwkv6_hybrid", layers=(0,), gate="none")
+    with pytest.raises(ValueError, match="gate 'static' applies to the rwkv6_hybrid mixer"):
+        ConversionPlan(mixer="rwkv6", layers=(0,), gate="static")
+    with pytest.raises(ValueError, match=r"unknown branches 'all'; expected one of \('both'"):
+        ConversionPlan(mixer="mmate", fraction=1.0, branches="all")
+    with pytest.raises(ValueError, match="branches 'flex' applies to the mmate mixer only"):
+        ConversionPlan(mixer="mamba2", layers=(0,), branches="flex")
 
 
 def test_paper_000_placements_on_28_layers():
@@ -197,11 +211,17 @@ def test_random_init_draws_new_projections(teacher, video_inputs, mixer):
     random = linvid.convert(teacher, ConversionPlan(mixer=mixer, layers=(1,), init="random"))
     query = teacher.model.language_model.layers[1].self_attn.q_proj.weight
 
-    def copies_query(student):
-        weights = student.model.language_model.layers[1].self_attn.mixer.parameters()
-        return any(w.shape == query.shape and torch.equal(w, query) for w in weights)
+    def copies_query(student, branch=""):
+        weights = student.model.language_model.layers[1].self_attn.mixer.get_submodule(branch)
+        return any(w.shape == query.shape and torch.equal(w, query) for w in weights.parameters())
 
-    assert copies_query(transfer) and not copies_query(random)
+    if mixer == "rwkv6_hybrid":
+        # The random-init ablation of paper 000 Table 4 is of the RWKV part: the scene
+        # cross-attention starts from the attention either way.
+        assert copies_query(transfer, "time_mix") and not copies_query(random, "time_mix")
+        assert copies_query(random, "cross_attention") and copies_query(transfer, "cross_attention")
+    else:
+        assert copies_query(transfer) and not copies_query(random)
     assert torch.isfinite(logits_of(random, video_inputs)).all()
 
 
