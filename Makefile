@@ -13,9 +13,10 @@ LATEST_PY := $(LATEST_VENV)/bin/python
 # The lock holds the floor of the transformers range (the newest is tested by test-latest), so
 # both ends of the range, and both of its cache-argument conventions, are tested.
 LOCK_FLOOR := transformers==5.23.0
-PYTEST := -m pytest -q -n 2 --dist loadfile
+# The `scale` tests (real model widths, minutes and ~12 GB of memory) run in `make test-scale`.
+PYTEST := -m pytest -q -n 2 --dist loadfile -m "not scale"
 
-.PHONY: install test test-latest lock demo lint bench-ops bench-models mutate clean
+.PHONY: install test test-latest test-scale lock demo lint bench-ops bench-models mutate clean
 
 install: $(STAMP)
 
@@ -30,6 +31,12 @@ $(STAMP): pyproject.toml $(LOCK)
 
 test: install
 	$(PY) $(PYTEST)
+
+# Every preset converts a checkpoint with Qwen2.5-VL-7B's widths (2 layers, bf16, sharded)
+# and decodes like one full forward in float32: about 7 minutes on 2 CPU cores, one process
+# at a time (peak ~12 GB of memory), 7 GB of temporary disk.
+test-scale: install
+	OMP_NUM_THREADS=2 $(PY) -m pytest -q -p no:xdist -s -m scale tests
 
 # The newest versions the ranges allow, resolved anew on every run (--upgrade, eager), so a
 # new release that breaks linvid turns CI red. The versions used are printed first.

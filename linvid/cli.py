@@ -127,10 +127,45 @@ def build_parser() -> argparse.ArgumentParser:
         "--fraction", type=float, help="override: fraction of layers to replace (not with --layers)"
     )
     convert.add_argument("--placement", choices=("early", "middle", "late"), help="override")
-    convert.add_argument("--init", choices=("transfer", "random"), help="override")
+    convert.add_argument(
+        "--init",
+        choices=("transfer", "random"),
+        help="override; random draws the sequence mixer anew (for the hybrid RWKV preset the "
+        "RWKV-6 branch only, the scene cross-attention still transfers; paper 000 Table 4)",
+    )
+    convert.add_argument(
+        "--gate",
+        choices=("dynamic", "static"),
+        help="override: the hybrid RWKV cross-attention gate; static = one scalar (paper 000 "
+        "Table 4 ablation)",
+    )
+    convert.add_argument(
+        "--branches",
+        choices=("both", "flex", "swin"),
+        help="override: the M-MATE branches; flex or swin alone (paper 003 Table 4 ablations)",
+    )
+    convert.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the parameters drawn rather than copied (default 0: converting twice "
+        "gives the same student)",
+    )
     convert.add_argument("--out", required=True, help="output directory for the student")
     convert.add_argument(
         "--overwrite", action="store_true", help="replace a non-empty --out (never the input)"
+    )
+    convert.add_argument(
+        "--dtype",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        default="auto",
+        help="dtype of the student's weights; auto (default) keeps the teacher's saved dtype",
+    )
+    convert.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="write the student in safetensors shards of at most this size, with an index "
+        "(default 5GB, as released checkpoints; e.g. 500MB)",
     )
     convert.set_defaults(run=run_convert)
 
@@ -233,7 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--keep-checkpoints", type=int, default=2, help="newest kept")
     distill.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     distill.add_argument("--seed", type=int, default=0)
-    distill.add_argument("--num-frames", type=int, help="frames per video (default: 1 fps)")
+    # Video sampling: each flag overrides the recipe stages' own field (fps, max_frames, ...).
+    sampling = distill.add_mutually_exclusive_group()
+    sampling.add_argument(
+        "--num-frames", type=int, help="frames per video (default: the recipe's fps, else 1 fps)"
+    )
+    sampling.add_argument("--fps", type=float, help="frames per second sampled from each video")
+    distill.add_argument("--max-frames", type=int, help="at most this many frames per video")
     distill.add_argument("--min-pixels", type=int, help="per frame")
     distill.add_argument("--max-pixels", type=int, help="per frame")
     distill.set_defaults(run=run_distill)
@@ -268,6 +309,8 @@ def run_distill(arguments: argparse.Namespace) -> int:
         max_steps=arguments.max_steps,
         seed=arguments.seed,
         num_frames=arguments.num_frames,
+        fps=arguments.fps,
+        max_frames=arguments.max_frames,
         min_pixels=arguments.min_pixels,
         max_pixels=arguments.max_pixels,
     )
@@ -325,11 +368,19 @@ def run_convert(arguments: argparse.Namespace) -> int:
         overrides["layers"], overrides["fraction"] = layers, None
     if arguments.fraction is not None:
         overrides["fraction"], overrides["layers"] = arguments.fraction, None
-    for name in ("placement", "init"):
+    for name in ("placement", "init", "gate", "branches"):
         if getattr(arguments, name) is not None:
             overrides[name] = getattr(arguments, name)
     plan = dataclasses.replace(plan, **overrides)
-    out = convert_checkpoint(arguments.model, plan, arguments.out, overwrite=arguments.overwrite)
+    out = convert_checkpoint(
+        arguments.model,
+        plan,
+        arguments.out,
+        overwrite=arguments.overwrite,
+        dtype=arguments.dtype,
+        max_shard_size=arguments.max_shard_size,
+        seed=arguments.seed,
+    )
     print(f"converted {arguments.model} with plan {plan.to_dict()} -> {out}")
     return 0
 

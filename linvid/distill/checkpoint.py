@@ -20,9 +20,16 @@ matches, every JSON file parses, every safetensors header and tensor loads and e
 tensor is finite; what fails names the file. A truncated or bit-flipped checkpoint is thus
 found before any step (the trainer then falls back to the previous one).
 
-FSDP, DeepSpeed and the other backends shard model and optimizer their own way: for them the
-checkpoint is accelerate's own `save_state` format (which includes pickles) and is read back
-with `load_state`.
+FSDP2 runs (accelerate distributed type FSDP, fsdp_version 2) write the same files: every
+process takes part in gathering the full model and optimizer state
+(torch.distributed.checkpoint.state_dict, full_state_dict=True), the main process writes them,
+and on load every process reads the full files and keeps its own shards. The optimizer's
+parameter indices are the order of the parameters in its param_groups, as in the plain path,
+so a checkpoint resumes under another process count or without FSDP.
+
+DeepSpeed and FSDP1 shard model and optimizer their own way: for them the checkpoint is
+accelerate's own `save_state` format (which includes pickles) and is read back with
+`load_state`.
 """
 
 from __future__ import annotations
@@ -52,7 +59,54 @@ def uses_own_format(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
     own = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
-    return accelerator.distributed_type in own
+    return accelerator.distributed_type in own or accelerator.is_fsdp2
+
+
+def full_model_state(accelerator, model) -> dict[str, torch.Tensor] | None:
+    """The whole student's state_dict on the CPU, {name: tensor}, on the main process (None on
+    the others). Under FSDP2 every process must call it: the shards are gathered."""
+    if accelerator.is_fsdp2:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(model, options=options)  # collective
+        return state if accelerator.is_main_process else None
+    if not accelerator.is_main_process:
+        return None
+    return {
+        name: value.detach().cpu().contiguous()
+        for name, value in accelerator.unwrap_model(model).state_dict().items()
+    }
+
+
+def _parameter_names(model, optimizer) -> list[str]:
+    """The name of each of the optimizer's parameters, in param_groups order (the index torch's
+    Optimizer.state_dict gives it)."""
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _full_optimizer_state(accelerator, model, optimizer) -> dict | None:
+    """The torch optimizer's state_dict with parameter indices as keys, unsharded; None on
+    processes other than the main one under FSDP2 (every process must call it there)."""
+    inner = _torch_optimizer(optimizer)
+    if not accelerator.is_fsdp2:
+        return inner.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_optimizer_state_dict(model, inner, options=options)  # collective, keyed by name
+    if not accelerator.is_main_process:
+        return None
+    index = {name: position for position, name in enumerate(_parameter_names(model, inner))}
+    groups = [
+        {**group, "params": [index[name] for name in group["params"]]}
+        for group in full["param_groups"]
+    ]
+    return {"state": {index[name]: v for name, v in full["state"].items()}, "param_groups": groups}
 
 
 def rng_files(rank: int) -> tuple[str, str]:
@@ -201,9 +255,13 @@ def save_training_state(directory: Path, accelerator, model, optimizer, schedule
     if not uses_own_format(accelerator):
         accelerator.save_state(str(directory))
         return
+    gathered = full_model_state(accelerator, model) if accelerator.is_fsdp2 else None
+    full = _full_optimizer_state(accelerator, model, optimizer)
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), str(directory / MODEL_FILE))
-        full = _torch_optimizer(optimizer).state_dict()
+        if gathered is not None:
+            save_file(gathered, str(directory / MODEL_FILE))
+        else:
+            save_model(accelerator.unwrap_model(model), str(directory / MODEL_FILE))
         tensors, entries = {}, {}
         for index, values in full["state"].items():
             entry = {"tensors": [], "values": {}}
@@ -262,7 +320,18 @@ def load_training_state(directory: Path, accelerator, model, optimizer, schedule
             )
 
     try:
-        load_model(accelerator.unwrap_model(model), str(directory / MODEL_FILE), strict=True)
+        if accelerator.is_fsdp2:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+            )
+
+            # Every process reads the whole file and keeps its own shards.
+            full = _load_tensors(directory / MODEL_FILE)
+            options = StateDictOptions(full_state_dict=True, strict=True)
+            set_model_state_dict(model, full, options=options)
+        else:
+            load_model(accelerator.unwrap_model(model), str(directory / MODEL_FILE), strict=True)
     except RuntimeError as error:  # keys or shapes of another model
         raise CheckpointError(
             f"{directory / MODEL_FILE} does not fit this run's student ({error})"
@@ -299,9 +368,26 @@ def load_training_state(directory: Path, accelerator, model, optimizer, schedule
                 for key, value in stored.items()
             }
         )
-    # Optimizer.load_state_dict casts each tensor to its parameter's dtype and device (the
-    # "step" counters stay on the CPU unless the group is fused/capturable), as torch does.
-    inner.load_state_dict({"state": state, "param_groups": groups})
+    if accelerator.is_fsdp2:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        # Keyed by parameter name, full tensors: each process keeps its own shards.
+        names = _parameter_names(model, inner)
+        by_name = {
+            "state": {names[index]: values for index, values in state.items()},
+            "param_groups": [
+                {**group, "params": [names[index] for index in group["params"]]} for group in groups
+            ],
+        }
+        options = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(model, inner, optim_state_dict=by_name, options=options)
+    else:
+        # Optimizer.load_state_dict casts each tensor to its parameter's dtype and device (the
+        # "step" counters stay on the CPU unless the group is fused/capturable), as torch does.
+        inner.load_state_dict({"state": state, "param_groups": groups})
 
     _torch_scheduler(scheduler).load_state_dict(read_json(directory / SCHEDULER_JSON))
     if accelerator.scaler is not None:

@@ -43,13 +43,19 @@ def record_attention(teacher, layers):
 
 
 def hidden_alignment_loss(
-    student: LinvidQwen2_5_VLForConditionalGeneration, teacher, inputs: dict, mask=None
+    student: LinvidQwen2_5_VLForConditionalGeneration,
+    teacher,
+    inputs: dict,
+    mask=None,
+    *,
+    reduction: str = "paper",
 ) -> tuple[torch.Tensor, dict[int, float]]:
     """Mean over the student's converted layers of hidden_mse(mixer(teacher input), teacher
     attention output) (paper 003 eq. 6).
 
     inputs: the batch's model inputs (input_ids, attention_mask, pixel_values_videos, ...);
-    mask: (B, L) tokens to score, default the attention mask. The teacher runs without
+    mask: (B, L) tokens to score, default the attention mask; reduction: hidden_mse's ("paper":
+    summed over channels, as eq. 6; "mean": also divided by them). The teacher runs without
     gradients. Returns (loss, {layer: its mse}) for logging."""
     layers = student.linear_layers
     if not layers:
@@ -74,7 +80,7 @@ def hidden_alignment_loss(
     for index in layers:
         hidden_in, target = records[index]
         output, _ = decoder_layers[index].self_attn.mixer(hidden_in, context, None)
-        loss = hidden_mse(output, target, mask)
+        loss = hidden_mse(output, target, mask, reduction=reduction)
         per_layer[index] = float(loss.detach())
         total = total + loss
     return total / len(layers), per_layer

@@ -118,17 +118,24 @@ def cross_entropy(
 sequence_kd = cross_entropy
 
 
+HIDDEN_REDUCTIONS = ("paper", "mean")
+
+
 def hidden_mse(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
     mask: torch.Tensor | None = None,
+    *,
+    reduction: str = "paper",
 ) -> torch.Tensor:
-    """Hidden-state matching of one layer: mean squared error over scored tokens and channels.
+    """Hidden-state matching of one layer (paper 003 eq. 6 for one layer l).
 
-    paper 003 eq. 6 for one layer l:  1/N * sum_t ||h_S[l, t] - h_T[l, t]||^2, here also
-    divided by the channel count D (the F.mse_loss scale, so the weight does not depend on
-    the model width). Eq. 6 then averages over the distilled layers; callers average the
-    per-layer values.
+    reduction "paper": 1/N * sum_t ||h_S[l, t] - h_T[l, t]||^2, the squared distance summed
+    over the D channels and averaged over the N scored tokens, so that the paper's
+    lambda = 0.5 weighs L_hid against L_tok as the paper does. "mean": also divided by D (the
+    F.mse_loss scale: the weight then does not depend on the model width, but L_hid is D times
+    weaker; 3584x for Qwen2.5-VL-7B). Eq. 6 then averages over the distilled layers; callers
+    average the per-layer values.
 
     student_hidden, teacher_hidden: (B, L, D), e.g. a student mixer's output and the replaced
         attention's output for the same input.
@@ -136,6 +143,10 @@ def hidden_mse(
     Returns a scalar in float32 (float64 for float64 inputs); 0 with zero gradient if the mask
     selects no token.
     """
+    if reduction not in HIDDEN_REDUCTIONS:
+        raise ValueError(
+            f"unknown hidden-loss reduction {reduction!r}; expected one of {HIDDEN_REDUCTIONS}"
+        )
     check_tensor("student_hidden", student_hidden, 3, "(B, L, D)")
     check_tensor("teacher_hidden", teacher_hidden, 3, "(B, L, D)")
     check_shape("teacher_hidden", teacher_hidden, tuple(student_hidden.shape), "(B, L, D)")
@@ -145,7 +156,8 @@ def hidden_mse(
         teacher_hidden = teacher_hidden[mask]
     dtype = _compute_dtype(student_hidden)
     difference = student_hidden.to(dtype) - teacher_hidden.to(dtype)
-    return difference.square().sum() / max(difference.numel(), 1)
+    count = difference.numel() if reduction == "mean" else difference.shape[:-1].numel()
+    return difference.square().sum() / max(count, 1)
 
 
 def combined_ce_kl(

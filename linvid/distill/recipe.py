@@ -37,11 +37,20 @@ from pathlib import Path
 
 import yaml
 
+from linvid.distill.losses import HIDDEN_REDUCTIONS
 from linvid.eval.prompts import PROMPT_STYLES
 
 LOSSES = ("kl", "hidden", "sequence", "ce")
 SCHEDULES = ("cosine", "constant")
 CONVERTED = "{converted}"
+# Stage fields of video / image sampling -> whether each is an integer (all must be > 0).
+SAMPLING_FIELDS = {
+    "fps": False,
+    "max_frames": True,
+    "min_pixels": True,
+    "max_pixels": True,
+    "image_max_pixels": True,
+}
 
 
 def _stage_error(stage: str, name: str, expected: str, given) -> ValueError:
@@ -169,8 +178,22 @@ class Stage:
         one): the fraction of ViT tokens kept (paper 001) or tokens per frame (paper 002).
     transv: TransV on (True) or off (False) for this stage; None leaves the model as built.
     fail_on_bad_samples: raise on an undecodable sample instead of skipping and counting it.
+    hidden_reduction: the "hidden" loss's scale: "paper" (paper 003 eq. 6: squared distance
+        summed over channels, mean over tokens and layers) or "mean" (also divided by the
+        hidden size; see `hidden_mse`).
     prompt_style: "standard" (video, then question) or "sandwich" (question, video,
         question; paper 001 §3.2.3) for the turn holding the video.
+    fps / max_frames: video frame sampling (qwen-vl-utils' rule: `fps` frames per second,
+        at most `max_frames`, uniformly spread over the video when it is longer); None keeps
+        the data loader's default (1 fps, at most 768 frames).
+    min_pixels / max_pixels: bounds on each sampled video frame's area (H x W, before
+        patching); None keeps Qwen2.5-VL's video defaults (128 and 768 x 28 x 28).
+    image_max_pixels: the largest area of an image of an image conversation; None keeps the
+        teacher processor's image bound (transformers' default 1280 x 28 x 28).
+    `linvid distill --fps/--max-frames/--num-frames/--min-pixels/--max-pixels` override the
+    video fields for every stage (`video_sampling`). The training dtype is not a stage field:
+    accelerate's mixed_precision (configs/accelerate/*.yaml: bf16 on GPUs, as the papers
+    train) decides it for the whole run.
     """
 
     name: str
@@ -195,6 +218,12 @@ class Stage:
     transv: bool | None = None
     fail_on_bad_samples: bool = True
     prompt_style: str = "standard"
+    hidden_reduction: str = "paper"
+    fps: float | None = None
+    max_frames: int | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    image_max_pixels: int | None = None
 
     @staticmethod
     def from_dict(data) -> Stage:
@@ -295,9 +324,31 @@ class Stage:
         if data.get("lora") is not None:
             values["lora"] = _lora(stage, data["lora"])
 
+        if data.get("hidden_reduction", "paper") not in HIDDEN_REDUCTIONS:
+            raise _stage_error(
+                stage,
+                "hidden_reduction",
+                f"one of {HIDDEN_REDUCTIONS}",
+                data.get("hidden_reduction"),
+            )
         if data.get("prompt_style", "standard") not in PROMPT_STYLES:
             raise _stage_error(
                 stage, "prompt_style", f"one of {PROMPT_STYLES}", data.get("prompt_style")
+            )
+
+        for name, integer in SAMPLING_FIELDS.items():
+            if data.get(name) is not None:
+                positive(name, integer)
+        if values.get("max_frames") is not None and values["max_frames"] < 2:
+            # Qwen2.5-VL patches frames in pairs (temporal_patch_size 2): 1 frame cannot fill one.
+            raise _stage_error(stage, "max_frames", "an integer >= 2", data["max_frames"])
+        low, high = values.get("min_pixels"), values.get("max_pixels")
+        if low is not None and high is not None and low > high:
+            raise _stage_error(stage, "max_pixels", f">= min_pixels ({low})", high)
+        if values.get("image_max_pixels") is not None and values["image_max_pixels"] < 56 * 56:
+            # Qwen2VLImageProcessor's smallest image area (its size["shortest_edge"]).
+            raise _stage_error(
+                stage, "image_max_pixels", "an integer >= 3136 (56 x 56)", data["image_max_pixels"]
             )
 
         if data.get("tome_keep_ratio") is not None and data.get("tokens_per_frame") is not None:
@@ -318,6 +369,43 @@ class Stage:
                 stage, "fail_on_bad_samples", "true or false", data["fail_on_bad_samples"]
             )
         return Stage(**values)
+
+    def video_sampling(
+        self,
+        *,
+        fps: float | None = None,
+        num_frames: int | None = None,
+        max_frames: int | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+    ) -> dict:
+        """`VideoConversationDataset` sampling keywords for this stage: its own fields, each
+        replaced by the matching argument that is not None (the command line's overrides).
+        A `num_frames` override drops the stage's fps (they exclude each other); fields left
+        None are left out, so the data loader's defaults apply. image_max_pixels comes along
+        (no override)."""
+        chosen = {
+            "fps": self.fps if num_frames is None else None,
+            "max_frames": self.max_frames,
+            "min_pixels": self.min_pixels,
+            "max_pixels": self.max_pixels,
+            "image_max_pixels": self.image_max_pixels,
+        }
+        overrides = {
+            "fps": fps,
+            "num_frames": num_frames,
+            "max_frames": max_frames,
+            "min_pixels": min_pixels,
+            "max_pixels": max_pixels,
+        }
+        chosen.update({name: value for name, value in overrides.items() if value is not None})
+        low, high = chosen.get("min_pixels"), chosen.get("max_pixels")
+        if low is not None and high is not None and low > high:
+            raise ValueError(
+                f"stage {self.name!r}: max_pixels {high} is below min_pixels {low} (after the "
+                "command line's overrides); expected max_pixels >= min_pixels"
+            )
+        return {name: value for name, value in chosen.items() if value is not None}
 
     def micro_batch_size(self, world_size: int = 1) -> int:
         """Samples per forward pass on one process."""

@@ -80,6 +80,7 @@ import torch
 
 from linvid.distill.checkpoint import (
     CheckpointError,
+    full_model_state,
     load_training_state,
     read_json,
     required_files,
@@ -95,6 +96,7 @@ from linvid.distill.data import (
     missing_videos,
     model_inputs,
     read_conversations,
+    sample_visual_inputs,
 )
 from linvid.distill.decodes import TeacherDecodes, decodes_key
 from linvid.distill.hidden import hidden_alignment_loss
@@ -134,8 +136,9 @@ class RunOptions:
     data: the conversations JSONL read by every stage whose `data` name is not in
     `data_by_name` (None: every stage's name must be there). data_by_name: a stage's `data`
     name -> its JSONL (`--data NAME=FILE`); a name joined with "+" ("video_caption+video_qa")
-    reads each part's file. num_frames / fps / min_pixels / max_pixels: video sampling as in
-    `VideoConversationDataset`. feature_cache: keep the vision tower's outputs on disk for the
+    reads each part's file. num_frames / fps / max_frames / min_pixels / max_pixels: video
+    sampling as in `VideoConversationDataset`, overriding every stage's own fields
+    (`Stage.video_sampling`). feature_cache: keep the vision tower's outputs on disk for the
     stages that can use them (`stage_feature_cache`), in feature_cache_dir (default
     RUN_DIR/vision_features; share it between runs of students of one teacher). resume: go on
     from the newest usable checkpoint in `out` (a run stopped before its first one starts over).
@@ -156,6 +159,7 @@ class RunOptions:
     seed: int = 0
     num_frames: int | None = None
     fps: float | None = None
+    max_frames: int | None = None
     min_pixels: int | None = None
     max_pixels: int | None = None
     data_by_name: dict[str, str] = field(default_factory=dict)
@@ -478,7 +482,7 @@ def stage_decodes_key(stage: Stage, options: RunOptions) -> str:
     return decodes_key(
         teacher=os.path.abspath(options.teacher),
         data=[os.path.abspath(path) for path in stage_data_files(stage, options)],
-        sampling=[options.num_frames, options.fps, options.min_pixels, options.max_pixels],
+        sampling=sorted(stage_sampling(stage, options).items()),
         max_sequence_length=stage.max_sequence_length,
         min_new_tokens=SEQUENCE_MIN_NEW_TOKENS,
     )
@@ -513,16 +517,16 @@ def make_dataset(options: RunOptions, stage: Stage, tokenizer, config, feature_c
     """The stage's VideoConversationDataset for a model with `config` (its vision config and
     pixel statistics); the pixels come from the teacher directory's processor when it has
     one (a real checkpoint's), as a Qwen2.5-VL user's would."""
+    from linvid.models.frame_tome import FrameBudget
     from linvid.models.processor import load_processor
     from linvid.models.qwen_video import pixel_statistics
 
+    merged_tokens = None  # a merging stage's lengths count the tokens its student sees
+    if merges_frames(stage):
+        merged_tokens = FrameBudget(stage.tokens_per_frame, stage.tome_keep_ratio)
     samples = [
         sample for path in stage_data_files(stage, options) for sample in read_conversations(path)
     ]
-    sampling = {"num_frames": options.num_frames, "fps": options.fps}
-    for name in ("min_pixels", "max_pixels"):
-        if getattr(options, name) is not None:
-            sampling[name] = getattr(options, name)
     return VideoConversationDataset(
         samples,
         tokenizer,
@@ -533,7 +537,19 @@ def make_dataset(options: RunOptions, stage: Stage, tokenizer, config, feature_c
         feature_cache=feature_cache,
         pixel_statistics=pixel_statistics(config),
         processor=load_processor(options.teacher),
-        **sampling,
+        merged_tokens=merged_tokens,
+        **stage_sampling(stage, options),
+    )
+
+
+def stage_sampling(stage: Stage, options: RunOptions) -> dict:
+    """The stage's video / image sampling, the command line's options winning."""
+    return stage.video_sampling(
+        fps=options.fps,
+        num_frames=options.num_frames,
+        max_frames=options.max_frames,
+        min_pixels=options.min_pixels,
+        max_pixels=options.max_pixels,
     )
 
 
@@ -551,24 +567,25 @@ def teacher_decode_batch(teacher, batch, decodes: dict, dataset) -> dict:
     The teacher answers each sample once (`decodes`: sample index -> token ids, a
     `TeacherDecodes` store on disk that resumed runs and later stages reuse): at most
     max(SEQUENCE_MIN_NEW_TOKENS, ground-truth answer length) tokens, up to and including its
-    end of turn. Returns model inputs (B, L') with "labels"; the videos are the batch's.
+    end of turn. Returns model inputs (B, L') with "labels" and the pixels and grids of the
+    videos and images whose placeholders are in those prompts (images of later turns are not).
     """
     inputs = model_inputs(batch)
-    rows = batch["video_grid_thw"].prod(-1).tolist()  # pixel rows per sample
-    starts = [sum(rows[:i]) for i in range(len(rows))]
-    sequences, labels, types = [], [], []
+    merge = teacher.config.vision_config.spatial_merge_size**2
+    sequences, labels, types, visuals = [], [], [], []
     for i, index in enumerate(batch["sample_index"].tolist()):
         answer = (inputs["labels"][i] != IGNORE_INDEX).nonzero()
         prompt_length = int(answer[0])  # the first answer starts here
         prompt = inputs["input_ids"][i, :prompt_length]
+        prompt_types = inputs["mm_token_type_ids"][i, :prompt_length]
+        visual = _prompt_visual_inputs(batch, i, prompt_types, merge)
+        visuals.append(visual)
         if index not in decodes:
             generated = teacher.generate(
                 input_ids=prompt[None],
                 attention_mask=torch.ones_like(prompt)[None],
-                mm_token_type_ids=inputs["mm_token_type_ids"][i, :prompt_length][None],
-                pixel_values_videos=inputs["pixel_values_videos"][starts[i] : starts[i] + rows[i]],
-                video_grid_thw=inputs["video_grid_thw"][i : i + 1],
-                second_per_grid_ts=inputs["second_per_grid_ts"][i : i + 1],
+                mm_token_type_ids=prompt_types[None],
+                **visual,
                 max_new_tokens=max(SEQUENCE_MIN_NEW_TOKENS, len(answer)),
                 do_sample=False,
                 # A placeholder in the answer would ask for a video that is not there.
@@ -585,7 +602,7 @@ def teacher_decode_batch(teacher, batch, decodes: dict, dataset) -> dict:
         decoded = torch.tensor(decodes[index], dtype=prompt.dtype)
         sequences.append(torch.cat([prompt, decoded]))
         labels.append(torch.cat([torch.full_like(prompt, IGNORE_INDEX), decoded]))
-        types.append(torch.cat([inputs["mm_token_type_ids"][i, :prompt_length], 0 * decoded]))
+        types.append(torch.cat([prompt_types, 0 * decoded]))
     longest = max(len(sequence) for sequence in sequences)
 
     def pad(tensors, value):
@@ -599,10 +616,31 @@ def teacher_decode_batch(teacher, batch, decodes: dict, dataset) -> dict:
         "attention_mask": (torch.arange(longest)[None, :] < lengths[:, None]).long(),
         "labels": pad(labels, IGNORE_INDEX),
         "mm_token_type_ids": pad(types, 0),
-        "video_grid_thw": inputs["video_grid_thw"],
-        "second_per_grid_ts": inputs["second_per_grid_ts"],
-        "pixel_values_videos": inputs["pixel_values_videos"],
+        **{
+            key: torch.cat([visual[key] for visual in visuals if key in visual])
+            for key in sorted({key for visual in visuals for key in visual})
+        },
     }
+
+
+def _prompt_visual_inputs(batch, position: int, prompt_types: torch.Tensor, merge: int) -> dict:
+    """Sample `position`'s pixels and grids for a prompt that ends before its first answer:
+    its video, and of its images the leading ones whose placeholders lie in the prompt
+    (`prompt_types`: the prompt's mm_token_type_ids, 1 on image tokens; merge: the vision
+    tower's spatial merge, patches per LLM token)."""
+    visual = sample_visual_inputs(batch, position)
+    if "image_grid_thw" not in visual:
+        return visual
+    tokens = (visual["image_grid_thw"].prod(-1) // merge).tolist()
+    in_prompt, count = int((prompt_types == 1).sum()), 0
+    while count < len(tokens) and sum(tokens[: count + 1]) <= in_prompt:
+        count += 1
+    grids = visual.pop("image_grid_thw")
+    pixels = visual.pop("pixel_values")
+    if count:
+        visual["image_grid_thw"] = grids[:count]
+        visual["pixel_values"] = pixels[: int(grids[:count].prod(-1).sum())]
+    return visual
 
 
 def token_counts(stage: Stage, teacher, batch, decodes: dict, dataset) -> torch.Tensor:
@@ -676,7 +714,9 @@ def step_losses(
     if "hidden" in weights:
         model = accelerator.unwrap_model(student)
         model = getattr(model, "get_base_model", lambda: model)()
-        values["hidden"] = hidden_alignment_loss(model, teacher, inputs)[0]
+        values["hidden"] = hidden_alignment_loss(
+            model, teacher, inputs, reduction=stage.hidden_reduction
+        )[0]
     if "sequence" in weights:
         with torch.no_grad():
             sequence_inputs = teacher_decode_batch(teacher, batch, decodes, dataset)
@@ -707,7 +747,12 @@ def run_stage(
         student = get_peft_model(student, stage.lora.peft_config())
     freeze_for_stage(student, stage)
     transv = stage_transv(student, stage)
-    feature_cache = stage_feature_cache(stage, student, teacher, options)
+    # A sharded vision tower runs only inside the wrapped model's forward (`sharded_weights`).
+    feature_cache = (
+        None
+        if sharded_weights(accelerator)
+        else stage_feature_cache(stage, student, teacher, options)
+    )
     dataset = make_dataset(options, stage, tokenizer, student.config, feature_cache)
     # Missing videos were reported before the run (check_videos): never read them.
     dataset.skip_known(missing_videos(dataset.samples))
@@ -826,6 +871,54 @@ def run_stage(
     return student
 
 
+def sharded_weights(accelerator) -> bool:
+    """Whether the run shards the student's weights (FSDP, DeepSpeed ZeRO-3): a layer's
+    weights are then gathered only inside the wrapped model's forward."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP or (
+        accelerator.distributed_type == DistributedType.DEEPSPEED
+        and accelerator.state.deepspeed_plugin.zero_stage == 3
+    )
+
+
+def check_process_group(accelerator) -> None:
+    """Refuse a launch whose processes did not join one process group: each would train alone
+    into the same --out. accelerate 1.16 forms none on CPU for an FSDP or DeepSpeed config
+    (it shards on GPUs only), nor for any config without ACCELERATE_USE_CPU=true."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:
+        raise ValueError(
+            f"the launcher started {launched} processes (WORLD_SIZE={launched}) but accelerate "
+            f"runs this one alone ({accelerator.distributed_type.value}), so each would train "
+            "its own copy into the same --out; on CPU set ACCELERATE_USE_CPU=true (gloo, data "
+            "parallel: accelerate runs FSDP and DeepSpeed on GPUs only)"
+        )
+
+
+def check_sharded_run(recipe: Recipe, accelerator) -> None:
+    """Before any model loads, refuse the stages a sharded run cannot train: "hidden" and frame
+    merging (tokens_per_frame, tome_keep_ratio) call layers outside the model's forward, and
+    a LoRA stage would wrap an already sharded student in new, unsharded layers."""
+    if not sharded_weights(accelerator):
+        return
+    for stage in recipe.stages:
+        reasons = []
+        if stage.losses.get("hidden", 0) > 0:
+            reasons.append("weights 'hidden' (runs each converted layer on its own)")
+        if merges_frames(stage):
+            reasons.append("merges frames (runs the vision tower on its own)")
+        if stage.lora is not None:
+            reasons.append("trains LoRA adapters (new layers in a sharded student)")
+        if reasons:
+            raise ValueError(
+                f"stage {stage.name!r} {' and '.join(reasons)}, which a run that shards the "
+                f"weights ({accelerator.distributed_type.value}) cannot train; launch it "
+                "data-parallel instead (accelerate launch --multi_gpu, or a DeepSpeed ZeRO-2 "
+                "config)"
+            )
+
+
 def stage_transv(student, stage: Stage) -> bool:
     """Switch the student's TransV on or off for `stage` (`transv: false` turns it off, null or
     true leave it on); returns whether it is on. Refuses `transv: true` without TransV and
@@ -915,12 +1008,11 @@ def save_checkpoint(
         temporary.mkdir(parents=True)
     accelerator.wait_for_everyone()
     save_training_state(temporary, accelerator, model, optimizer, scheduler)
+    whole = full_model_state(accelerator, model)  # FSDP2: every process joins the gather
     accelerator.wait_for_everyone()  # every process's RNG files are in before the rename
     if accelerator.is_main_process:
         trainable = {
-            key: value.detach().cpu().contiguous()
-            for key, value in unwrapped.named_parameters()
-            if value.requires_grad
+            key: whole[key] for key, value in unwrapped.named_parameters() if value.requires_grad
         }
         save_file(trainable, str(temporary / "student_trainable.safetensors"))
         saved = {key: value for key, value in state.items() if key not in RUN_ONLY_KEYS}
@@ -995,6 +1087,8 @@ def distill(recipe: Recipe, options: RunOptions) -> Path:
         gradient_accumulation_steps=recipe.stages[0].gradient_accumulation,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
+    check_process_group(accelerator)
+    check_sharded_run(recipe, accelerator)
     check_videos(recipe, options, report=accelerator.is_main_process)
     checkpoint = usable_checkpoint(candidates, accelerator)
     if options.resume and checkpoint is None and accelerator.is_main_process:
@@ -1051,11 +1145,13 @@ def distill(recipe: Recipe, options: RunOptions) -> Path:
     finally:
         progress.close()
     destination = out / "student"
+    # FSDP2: every process joins the gather of the sharded weights; None saves them as they are.
+    gathered = full_model_state(accelerator, student) if accelerator.is_fsdp2 else None
     if accelerator.is_main_process:
         # Built beside it and renamed: an interrupted save leaves the earlier student whole.
         inputs = (options.teacher, options.student)
         with atomic_directory(destination, overwrite=True, inputs=inputs) as work:
-            student.save_pretrained(work)
+            student.save_pretrained(work, state_dict=gathered)
             tokenizer.save_pretrained(work)
     accelerator.wait_for_everyone()
     return destination

@@ -10,13 +10,19 @@ from __future__ import annotations
 PROMPT_STYLES = ("standard", "sandwich")
 VIDEO_PLACEHOLDER = "<|video_pad|>"
 # Qwen2.5-VL's chat layout, for tokenizers that carry no chat template (small test
-# vocabularies); real checkpoints use their own template.
+# vocabularies); real checkpoints use their own template. Parts render as in Qwen2.5-VL's
+# template (`linvid.models.processor.CHAT_TEMPLATE`): an image or a video as one placeholder
+# between <|vision_start|> and <|vision_end|> (the processor, or the data loader, expands it);
+# unlike Qwen's, no default system turn is added.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' or 'video' in part %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in part %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )

@@ -27,10 +27,18 @@ rather than the (rounded) size-weighted mean of the cells:
 Text after the video resumes where transformers 5.23's `get_rope_index` resumes it for the
 unmerged video, at start + max(h, w) (h, w: the grid the LLM sees), so the question's
 positions do not depend on n.
+
+Images. An image is a one-temporal-patch grid (1, h, w): `merged_video_batch` merges it like
+one frame (paper 001 Table 1 and Appendix setting B keep 10% of a single image's tokens too)
+and places it by the same rule with Qwen's image timing (time interval 1: its temporal
+position is its start). A sample may hold images, videos or both, in placeholder order;
+`FrameBudget` says how many tokens each frame or image keeps, and the data loader counts a
+merging stage's sequence lengths with it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Real
 
@@ -42,7 +50,46 @@ from linvid.ops.tome import ORDERS, TokenMerge, bipartite_soft_matching
 from linvid.ops.validation import check_positive_int, check_tensor, describe
 
 DEFAULT_TOKENS_PER_FRAME = 16  # paper 002 §4 implementation details
-VIDEO_TYPE = 2  # Qwen2.5-VL's mm_token_type_ids for video tokens
+IMAGE_TYPE, VIDEO_TYPE = 1, 2  # Qwen2.5-VL's mm_token_type_ids for image and video tokens
+# Per modality: (mm_encoder_outputs key, pixel input, grid input).
+MODALITIES = {
+    IMAGE_TYPE: ("image", "pixel_values", "image_grid_thw"),
+    VIDEO_TYPE: ("video", "pixel_values_videos", "video_grid_thw"),
+}
+
+
+@dataclass(frozen=True)
+class FrameBudget:
+    """How many tokens per-frame ToMe leaves of each frame of a video and of each image:
+    `tokens_per_frame` (paper 002 §3.1) when given, else max(1, round(keep_ratio x its
+    tokens)) (paper 001 §3.2.2 and Table 1; Appendix setting B: single images too); never
+    more than the frame has. tokens_per_frame wins when both are given."""
+
+    tokens_per_frame: int | None = None
+    keep_ratio: float | None = None
+
+    def __post_init__(self):
+        if self.tokens_per_frame is not None:
+            check_positive_int("tokens_per_frame", self.tokens_per_frame)
+            return
+        ratio = self.keep_ratio
+        if ratio is None:
+            raise ValueError("per-frame ToMe needs tokens_per_frame or keep_ratio, got neither")
+        if isinstance(ratio, bool) or not isinstance(ratio, Real) or not 0 < ratio <= 1:
+            raise ValueError(f"keep_ratio must be a number in (0, 1], got {ratio!r}")
+
+    def frame_tokens(self, cells: int) -> int:
+        """Tokens kept of one frame (or image) of `cells` tokens."""
+        if self.tokens_per_frame is not None:
+            return min(self.tokens_per_frame, cells)
+        return min(cells, max(1, round(self.keep_ratio * cells)))
+
+    def count(self, grid_thw, spatial_merge_size: int) -> int:
+        """LLM tokens of one video or image with patch grid (t, h, w) (3 ints, or a tensor
+        of 3) after the merge: t x frame_tokens(h/m x w/m), m the spatial merge size; exactly
+        the placeholders `merged_video_batch` leaves for it."""
+        t, height, width = _checked_grid(grid_thw)
+        return t * self.frame_tokens((height // spatial_merge_size) * (width // spatial_merge_size))
 
 
 @dataclass(frozen=True)
@@ -207,14 +254,30 @@ def merged_position_ids(
             f"for {merged.grid[0]} frames x {merged.tokens_per_frame} tokens, "
             f"got {video.numel()} placeholders"
         )
-    length = ids.shape[0]
-    start, end = int(video[0]), int(video[0]) + count
-    resume = start + max(merged.grid[1], merged.grid[2])
-    text = torch.arange(length, device=ids.device)
-    rope = torch.empty(3, length, dtype=torch.long, device=ids.device)
-    rope[:, :start] = text[:start]
-    rope[:, start:end] = merged.positions.to(ids.device) + start
-    rope[:, end:] = text[: length - end] + resume
+    return sequence_position_ids(ids.shape[0], [(int(video[0]), merged)], ids.device)
+
+
+def sequence_position_ids(
+    length: int, runs: Sequence[tuple[int, MergedVideo]], device=None
+) -> torch.Tensor:
+    """Qwen2.5-VL position ids (4, 1, length) of one sequence holding merged videos and
+    images: `runs` lists (index of its first placeholder, its MergedVideo) in sequence order.
+
+    transformers 5.23 `get_rope_index`'s rule with the merged tokens: row 0 the plain text
+    position 0..length-1; rows 1-3 count text on all three axes; a video or image starting at
+    running position p takes p + its merged positions; text after it resumes at p + max(h, w)
+    of its unmerged LLM grid.
+    """
+    text = torch.arange(length, device=device)
+    rope = torch.empty(3, length, dtype=torch.long, device=device)
+    cursor, position = 0, 0  # next sequence index, next text position
+    for start, merged in runs:
+        rope[:, cursor:start] = text[: start - cursor] + position
+        position += start - cursor
+        cursor = start + merged.num_tokens
+        rope[:, start:cursor] = merged.positions.to(device) + position
+        position += max(merged.grid[1], merged.grid[2])
+    rope[:, cursor:] = text[: length - cursor] + position
     return torch.cat([text[None], rope])[:, None, :]
 
 
@@ -307,56 +370,96 @@ def merged_video_batch(
     *,
     ignore_index: int = -100,
 ) -> dict:
-    """`inputs` (right-padded, one video per sample, with pixel_values_videos or the vision
-    tower's features as mm_encoder_outputs) with every frame
-    merged to `tokens_per_frame` tokens, or to max(1, round(keep_ratio x its tokens)), after
-    `model`'s vision tower (paper 002 §3.1; paper 001's keep ratio, here applied per frame
-    after the tower; under the caller's grad mode), merged tokens in ascending size order
-    (paper 001 §3.2.2): fewer video placeholders, labels and mm_token_type_ids cut alike,
-    explicit M-RoPE position_ids (4, B, L) (`merged_position_ids`, temporal positions from
-    the inputs' second_per_grid_ts (B,) when present), mm_encoder_outputs and a
-    video_grid_thw of the merged layout. Returns new right-padded inputs with "labels" (and
-    the inputs' second_per_grid_ts)."""
+    """`inputs` (right-padded; each sample with any number of images and videos, in
+    placeholder order; with pixel_values / pixel_values_videos or the vision tower's features
+    as mm_encoder_outputs) with every video frame and every image merged after `model`'s
+    vision tower (paper 002 §3.1; paper 001's keep ratio, here applied per frame after the
+    tower, single images included as in its Appendix setting B; under the caller's grad mode)
+    to `FrameBudget(tokens_per_frame, keep_ratio)` tokens, merged tokens in ascending size
+    order (paper 001 §3.2.2). An image is merged as a one-temporal-patch grid.
+
+    The result has fewer placeholders (input_ids, labels and mm_token_type_ids cut alike),
+    explicit M-RoPE position_ids (4, B, L) (`sequence_position_ids`: videos' temporal
+    positions from the inputs' second_per_grid_ts (V,) when present, images' with interval 1
+    as Qwen's), mm_encoder_outputs {"image": ..., "video": ...} of the merged features and
+    image_grid_thw / video_grid_thw of the merged layouts (`MergedVideo.token_grid` as patch
+    grids), each modality only when the inputs have it. With a budget at or above every
+    frame's tokens nothing changes but the explicit positions, which equal Qwen's. Returns
+    new right-padded inputs with "labels" (and second_per_grid_ts when there are videos)."""
     config = model.config
     merge_size = config.vision_config.spatial_merge_size
-    grids = inputs["video_grid_thw"]
-    encoded = inputs.get("mm_encoder_outputs")
-    if grids.shape[0] != inputs["input_ids"].shape[0] or (
-        "pixel_values_videos" not in inputs and encoded is None
-    ):
-        raise ValueError(
-            "per-frame ToMe needs exactly one video per sample, with its pixels or its "
-            "vision-tower features (mm_encoder_outputs)"
-        )
-    if encoded is not None:
-        vision = encoded["video"]
-    else:
-        vision = model.model.get_video_features(
-            inputs["pixel_values_videos"].to(model.dtype), grids, return_dict=True
-        )
+    budget = FrameBudget(tokens_per_frame, keep_ratio)
+    features = _vision_features(model, inputs)  # kind -> per image / video (N_i, D)
+    grids = {kind: inputs[MODALITIES[kind][2]].tolist() for kind in features}
     # Seconds per temporal patch of each video (Qwen's second_per_grid_ts); transformers' own
     # default is 1 when the inputs carry none.
     seconds = inputs.get("second_per_grid_ts")
-    seconds = [1.0] * grids.shape[0] if seconds is None else seconds.reshape(-1).tolist()
-    features, rows = [], {name: [] for name in ("input_ids", "labels", "mm_token_type_ids")}
-    positions, layouts = [], []
-    for i, (t, height, width) in enumerate(grids.tolist()):
-        grid = (t, height // merge_size, width // merge_size)
-        budget = tokens_per_frame or max(1, round(keep_ratio * grid[1] * grid[2]))
-        interval = config.vision_config.tokens_per_second * seconds[i]
-        merged = merge_video_tokens(vision.pooler_output[i], grid, budget, time_interval=interval)
+    if VIDEO_TYPE in grids:
+        videos = len(grids[VIDEO_TYPE])
+        seconds = [1.0] * videos if seconds is None else seconds.reshape(-1).tolist()
+    used = dict.fromkeys(features, 0)  # images / videos merged so far, in batch order
+    merged_features = {kind: [] for kind in features}
+    layouts = {kind: [] for kind in features}
+    rows = {name: [] for name in ("input_ids", "labels", "mm_token_type_ids")}
+    positions = []
+    for i in range(inputs["input_ids"].shape[0]):
         length = int(inputs["attention_mask"][i].sum())
-        ids = inputs["input_ids"][i, :length]
-        video = (ids == config.video_token_id).nonzero().reshape(-1)
-        start, end = int(video[0]), int(video[-1]) + 1
-        keep = merged.num_tokens
+        types = inputs["mm_token_type_ids"][i, :length].tolist()
+        kept, runs = [], []  # kept indices of the row; (new start, MergedVideo) per run
+        cursor = 0
+        while cursor < length:
+            kind = types[cursor]
+            if kind == 0:
+                kept.append(cursor)
+                cursor += 1
+                continue
+            if kind not in MODALITIES:
+                raise ValueError(
+                    f"sample {i}: mm_token_type_ids holds {kind} at position {cursor}; "
+                    "expected 0 (text), 1 (image) or 2 (video)"
+                )
+            index = used.get(kind, 0)
+            if index >= len(grids.get(kind, ())):
+                raise ValueError(
+                    f"sample {i} has more {MODALITIES[kind][0]} placeholder runs than rows in "
+                    f"{MODALITIES[kind][2]} ({len(grids.get(kind, ()))} in the batch)"
+                )
+            t, height, width = grids[kind][index]
+            grid = (t, height // merge_size, width // merge_size)
+            size = grid[0] * grid[1] * grid[2]
+            if types[cursor : cursor + size] != [kind] * size:
+                raise ValueError(
+                    f"sample {i}: expected {size} consecutive {MODALITIES[kind][0]} tokens for "
+                    f"grid {(t, height, width)} at position {cursor}"
+                )
+            # Qwen2.5-VL spaces video frames by tokens_per_second x second_per_grid; an
+            # image has no temporal spacing (get_rope_index's interval 1).
+            interval = 1
+            if kind == VIDEO_TYPE:
+                interval = config.vision_config.tokens_per_second * seconds[index]
+            merged = merge_video_tokens(
+                features[kind][index],
+                grid,
+                budget.frame_tokens(grid[1] * grid[2]),
+                time_interval=interval,
+            )
+            runs.append((len(kept), merged))
+            kept.extend(range(cursor, cursor + merged.num_tokens))
+            merged_features[kind].append(merged.features)
+            layout = merged.token_grid
+            layouts[kind].append([layout[0], layout[1] * merge_size, layout[2] * merge_size])
+            used[kind] = index + 1
+            cursor += size
+        kept = torch.tensor(kept, dtype=torch.long, device=inputs["input_ids"].device)
         for name in rows:
-            row = inputs[name][i, :length]
-            rows[name].append(torch.cat([row[:start], row[start : start + keep], row[end:]]))
-        positions.append(merged_position_ids(rows["input_ids"][-1], merged, config.video_token_id))
-        features.append(merged.features)
-        layout = merged.token_grid
-        layouts.append([layout[0], layout[1] * merge_size, layout[2] * merge_size])
+            rows[name].append(inputs[name][i, :length][kept])
+        positions.append(sequence_position_ids(len(kept), runs, inputs["input_ids"].device))
+    for kind, grid_rows in grids.items():
+        if used[kind] != len(grid_rows):
+            raise ValueError(
+                f"the batch has {len(grid_rows)} {MODALITIES[kind][0]}s in "
+                f"{MODALITIES[kind][2]} but {used[kind]} runs of their placeholders"
+            )
     lengths = torch.tensor([len(row) for row in rows["input_ids"]])
     longest = int(lengths.max())
 
@@ -370,13 +473,57 @@ def merged_video_batch(
         steps = torch.arange(1, longest - position.shape[-1] + 1, device=position.device)
         padded_positions.append(torch.cat([position, position[..., -1:] + steps], dim=-1))
     device = inputs["input_ids"].device
-    return {
+    result = {
         "input_ids": pad(rows["input_ids"], 0),  # padding: masked, any id does
         "attention_mask": (torch.arange(longest)[None, :] < lengths[:, None]).long().to(device),
         "labels": pad(rows["labels"], ignore_index),
         "mm_token_type_ids": pad(rows["mm_token_type_ids"], 0),
         "position_ids": torch.cat(padded_positions, dim=1),
-        "mm_encoder_outputs": {"video": BaseModelOutputWithPooling(pooler_output=tuple(features))},
-        "video_grid_thw": torch.tensor(layouts, device=device),
-        "second_per_grid_ts": torch.tensor(seconds, device=device),
+        "mm_encoder_outputs": {},
     }
+    for kind in features:
+        key, _, grid_key = MODALITIES[kind]
+        pooled = tuple(merged_features[kind])
+        result["mm_encoder_outputs"][key] = BaseModelOutputWithPooling(pooler_output=pooled)
+        result[grid_key] = torch.tensor(layouts[kind], device=device)
+    if VIDEO_TYPE in features:
+        result["second_per_grid_ts"] = torch.tensor(seconds, device=device)
+    return result
+
+
+def _vision_features(model, inputs: dict) -> dict[int, Sequence[torch.Tensor]]:
+    """Per modality the inputs have a grid for (IMAGE_TYPE / VIDEO_TYPE): the vision tower's
+    merged-patch outputs of each image or video in batch order, (N_i, D) each, from
+    mm_encoder_outputs when given, else computed from the pixels (under the caller's grad
+    mode)."""
+    encoded = inputs.get("mm_encoder_outputs") or {}
+    features = {}
+    for kind, (key, pixel_key, grid_key) in MODALITIES.items():
+        grids = inputs.get(grid_key)
+        if grids is None:
+            continue
+        if encoded.get(key) is not None:
+            outputs = encoded[key].pooler_output
+        elif inputs.get(pixel_key) is not None:
+            compute = model.model.get_image_features
+            if kind == VIDEO_TYPE:
+                compute = model.model.get_video_features
+            pixels = inputs[pixel_key].to(model.dtype)
+            outputs = compute(pixels, grids, return_dict=True).pooler_output
+        else:
+            raise ValueError(
+                f"per-frame ToMe needs the {key}s' pixels ({pixel_key}) or their vision-tower "
+                f"features (mm_encoder_outputs[{key!r}]); the inputs have {grid_key} only"
+            )
+        if len(outputs) != grids.shape[0]:
+            raise ValueError(
+                f"mm_encoder_outputs[{key!r}] holds {len(outputs)} {key}s, {grid_key} "
+                f"{grids.shape[0]}"
+            )
+        features[kind] = outputs
+    if not features:
+        raise ValueError(
+            "per-frame ToMe needs images or videos: the inputs have neither image_grid_thw "
+            "nor video_grid_thw"
+        )
+    return features

@@ -241,6 +241,12 @@ class LinvidQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
                     pixel_values_videos, video_grid_thw, return_dict=True
                 )
                 pixel_values_videos = None
+                if pixel_values is not None:
+                    # transformers takes pixels or encoder outputs, not both: the images too.
+                    mm_encoder_outputs["image"] = self.model.get_image_features(
+                        pixel_values, image_grid_thw, return_dict=True
+                    )
+                    pixel_values = None
             if mm_encoder_outputs and mm_encoder_outputs.get("video") is not None:
                 video_features = mm_encoder_outputs["video"].pooler_output
 

@@ -15,6 +15,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
         ("deepspeed_zero2_8gpu.yaml", "DEEPSPEED", 8),
         ("fsdp2_8gpu.yaml", "FSDP", 8),
         ("cpu_2proc.yaml", "MULTI_CPU", 2),
+        ("fsdp2_cpu_2proc.yaml", "FSDP", 2),
     ],
 )
 def test_config_loads(name, distributed, processes):
@@ -24,3 +25,11 @@ def test_config_loads(name, distributed, processes):
         assert config.deepspeed_config["zero_stage"] == 2
     if distributed == "FSDP":
         assert config.fsdp_config["fsdp_version"] == 2
+
+
+def test_fsdp_cpu_config_is_the_gpu_one_apart_from_the_device():
+    """test_distributed_cpu.py runs the CPU config: it must shard as the 8-GPU one does."""
+    gpu = load_config_from_file(str(CONFIGS / "fsdp2_8gpu.yaml"))
+    cpu = load_config_from_file(str(CONFIGS / "fsdp2_cpu_2proc.yaml"))
+    assert cpu.fsdp_config == gpu.fsdp_config
+    assert (cpu.use_cpu, gpu.use_cpu, cpu.mixed_precision) == (True, False, "no")

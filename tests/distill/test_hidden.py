@@ -123,10 +123,10 @@ def test_alignment_loss_value_matches_eq6_computed_from_recorded_outputs():
     """The loss against paper 003 eq. 6 computed independently, in float64: the teacher's
     self-attention outputs recorded by this test's hooks, the student mixers' outputs from the
     student's own forward given the teacher's input at each layer, and
-        L = 1/|A| sum_l [ 1/(N D) sum_t ||h_S[l,t] - h_T[l,t]||^2 ]
-    over the N scored tokens (the attention mask, or the mask given). linvid divides by the
-    hidden size D besides eq. 6's 1/N (`hidden_mse`, the F.mse_loss scale): the paper's value
-    is D times this. Padding is left out of the default mask; per-layer values are reported."""
+        L = 1/|A| sum_l [ 1/N sum_t ||h_S[l,t] - h_T[l,t]||^2 ]
+    over the N scored tokens (the attention mask, or the mask given); reduction "mean" also
+    divides by the hidden size D. Padding is left out of the default mask; per-layer values
+    are reported."""
     teacher, student = models(ConversionPlan(mixer="mmate", fraction=1.0))
     batch = padded_inputs()
     layers = student.linear_layers
@@ -138,6 +138,7 @@ def test_alignment_loss_value_matches_eq6_computed_from_recorded_outputs():
     for mask, given in ((batch["attention_mask"].bool(), None), (video, video)):
         with torch.no_grad():
             loss, per_layer = hidden_alignment_loss(student, teacher, batch, mask=given)
+            mean, _ = hidden_alignment_loss(student, teacher, batch, mask=given, reduction="mean")
         expected, paper = {}, []
         for layer in layers:
             torch.testing.assert_close(student_io[layer][0], teacher_io[layer][0])  # the input
@@ -145,13 +146,61 @@ def test_alignment_loss_value_matches_eq6_computed_from_recorded_outputs():
             squares = difference.square().sum(-1)[mask]  # (N,) ||h_S - h_T||^2 per token
             assert squares.shape == (int(mask.sum()),) and bool((squares > 0).all())
             paper.append(squares.mean())  # eq. 6's bracket: 1/N sum_t
-            expected[layer] = float(squares.sum() / (squares.numel() * hidden_size))
+            expected[layer] = float(squares.mean())
         assert per_layer.keys() == expected.keys()
         for layer in layers:
             assert per_layer[layer] == pytest.approx(expected[layer], rel=1e-5), layer
         assert float(loss) == pytest.approx(sum(expected.values()) / len(layers), rel=1e-5)
-        assert float(loss) * hidden_size == pytest.approx(float(sum(paper) / len(paper)), rel=1e-5)
+        assert float(loss) == pytest.approx(float(sum(paper) / len(paper)), rel=1e-5)
+        assert float(mean) * hidden_size == pytest.approx(float(loss), rel=1e-5)
     with torch.no_grad():  # scoring the padding too gives another value
         default = hidden_alignment_loss(student, teacher, batch)[0]
         everything = hidden_alignment_loss(student, teacher, batch, mask=torch.ones_like(video))[0]
     assert not torch.isclose(default, everything)
+
+
+HIDDEN_STAGE = {  # a stage with the hidden loss only
+    "name": "flex",
+    "trainable": [".*"],
+    "losses": {"hidden": 0.5},
+    "learning_rate": 1e-3,
+    "batch_size": 1,
+    "steps": 1,
+    "data": "test",
+}
+
+
+@pytest.mark.parametrize("reduction", ["paper", "mean"])
+def test_the_trainer_uses_the_stages_hidden_reduction(reduction):
+    """A stage's `hidden_reduction` reaches the loss the trainer optimises: "paper" (the
+    default, eq. 6) is the hidden size times "mean"."""
+    from types import SimpleNamespace
+
+    from linvid.distill.recipe import Stage
+    from linvid.distill.trainer import step_losses
+
+    teacher, student = models("linmu")
+    batch = inputs()
+    batch["labels"] = torch.where(torch.arange(batch["input_ids"].shape[1]) >= 13, 5, -100)[None]
+    batch["second_per_grid_ts"] = torch.tensor([1.0])
+    batch["has_pixels"] = torch.ones(1, dtype=torch.bool)  # a collated batch's entry
+    model_keys = ("input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw")
+    plain = {key: batch[key] for key in (*model_keys, "mm_token_type_ids", "second_per_grid_ts")}
+    stage = Stage.from_dict({**HIDDEN_STAGE, "hidden_reduction": reduction})
+    assert Stage.from_dict(HIDDEN_STAGE).hidden_reduction == "paper"
+    accelerator = SimpleNamespace(unwrap_model=lambda model: model)
+    dataset = SimpleNamespace(feature_cache=None)
+    with torch.no_grad():
+        value = step_losses(stage, student, teacher, batch, accelerator, {}, dataset)["hidden"]
+        expected, _ = hidden_alignment_loss(student, teacher, plain, reduction=reduction)
+    torch.testing.assert_close(value, expected)
+    if reduction == "mean":
+        paper, _ = hidden_alignment_loss(student, teacher, plain)
+        torch.testing.assert_close(value * student.config.text_config.hidden_size, paper)
+
+
+def test_an_unknown_hidden_reduction_is_refused_by_name():
+    from linvid.distill.recipe import Stage
+
+    with pytest.raises(ValueError, match=r"stage 'flex'.*hidden_reduction.*'paper', 'mean'"):
+        Stage.from_dict({**HIDDEN_STAGE, "hidden_reduction": "sum"})

@@ -240,13 +240,22 @@ def test_hidden_mse_with_and_without_mask():
     generator = torch.Generator().manual_seed(3)
     student = torch.randn(2, 5, 4, generator=generator)
     teacher = torch.randn(2, 5, 4, generator=generator)
-    assert hidden_mse(student, teacher).item() == pytest.approx(
+    # "mean" is F.mse_loss; the default, paper 003 eq. 6, sums over the D = 4 channels.
+    assert hidden_mse(student, teacher, reduction="mean").item() == pytest.approx(
         F.mse_loss(student, teacher).item(), rel=1e-6
     )
+    assert hidden_mse(student, teacher).item() == pytest.approx(
+        4 * F.mse_loss(student, teacher).item(), rel=1e-6
+    )
     mask = torch.tensor([[1, 0, 1, 1, 0], [0, 0, 0, 1, 0]], dtype=torch.bool)
-    expected = ((student - teacher).double() ** 2).sum(-1)[mask].mean() / 4  # eq. 6 / D
+    expected = ((student - teacher).double() ** 2).sum(-1)[mask].mean()  # eq. 6: 1/N sum_t
     value = hidden_mse(student, teacher, mask)
     assert value.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert hidden_mse(student, teacher, mask, reduction="mean").item() == pytest.approx(
+        expected.item() / 4, rel=1e-6
+    )
+    with pytest.raises(ValueError, match=r"unknown hidden-loss reduction 'sum'; expected one of"):
+        hidden_mse(student, teacher, reduction="sum")
     # Unmasked positions do not contribute, no shift is applied.
     changed = student.clone()
     changed[~mask] = 1e3

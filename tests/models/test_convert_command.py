@@ -196,3 +196,50 @@ def test_convert_names_layers_when_they_are_not_layer_indices(teacher_dir, tmp_p
     assert "'a,b'" in words.stderr and "from 0 to 1" in words.stderr
     assert "[7]" in outside.stderr and "2 decoder layers" in outside.stderr
     assert not out.exists()
+
+
+# --- reproducibility and the ablation switches (issue #14) --------------------------------
+
+
+def test_converting_twice_writes_the_same_student_and_seed_changes_it(teacher_dir, tmp_path):
+    """In process (main), so the three runs share the caller's random state: the seed alone
+    decides the drawn parameters (Mamba-2's A_log, dt_bias, dt projection here)."""
+    outs = {name: tmp_path / name for name in ("first", "second", "other")}
+    for name, out in outs.items():
+        seed = ["--seed", "7"] if name == "other" else []
+        torch.manual_seed(len(name))  # a different caller state each time
+        arguments = ["convert", "--model", str(teacher_dir), "--recipe", "mamba2-hybrid-25"]
+        assert main([*arguments, "--layers", "0,1", "--out", str(out), *seed]) == 0
+    weights = {name: linvid.load(out).state_dict() for name, out in outs.items()}
+    first, second, other = weights["first"], weights["second"], weights["other"]
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    drawn = [name for name in first if not torch.equal(first[name], other[name])]
+    assert drawn and all(".mixer." in name for name in drawn)
+
+
+def test_ablation_switches_reach_the_saved_plan(teacher_dir, tmp_path):
+    out = tmp_path / "static"
+    arguments = ["convert", "--model", str(teacher_dir), "--recipe", "qwen-rwkv-vl-50"]
+    assert main([*arguments, "--gate", "static", "--init", "random", "--out", str(out)]) == 0
+    plan = json.loads((out / "config.json").read_text())["linvid_plan"]
+    assert (plan["gate"], plan["init"]) == ("static", "random")
+    student = linvid.load(out)
+    mixer = student.model.language_model.layers[1].self_attn.mixer
+    assert not hasattr(mixer.cross_attention, "dynamic_gate")
+    out = tmp_path / "flex"
+    arguments = ["convert", "--model", str(teacher_dir), "--recipe", "linmu"]
+    assert main([*arguments, "--branches", "flex", "--out", str(out)]) == 0
+    assert linvid.load(out).model.language_model.layers[0].self_attn.mixer.swin is None
+
+
+def test_bad_seeds_and_misplaced_switches_are_refused_before_loading(teacher_dir, tmp_path):
+    runs = cli_together(
+        [*convert_arguments(teacher_dir, tmp_path / "a"), "--seed", "-1"],
+        [*convert_arguments(teacher_dir, tmp_path / "b"), "--gate", "static"],
+        [*convert_arguments(teacher_dir, tmp_path / "c"), "--branches", "swin"],
+    )
+    assert [run.returncode for run in runs] == [2, 2, 2]
+    assert "seed must be a non-negative integer, got -1" in runs[0].stderr
+    assert "gate 'static' applies to the rwkv6_hybrid mixer" in runs[1].stderr
+    assert "branches 'swin' applies to the mmate mixer only" in runs[2].stderr
+    assert not any((tmp_path / name).exists() for name in "abc")
