@@ -26,7 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated presets to distill (default: all four)",
     )
     parser.add_argument(
-        "--teacher-seconds", type=float, help="time budget of the teacher's training"
+        "--teacher-steps",
+        type=int,
+        help="the teacher's training steps (default 2000): its schedule, so runs repeat",
+    )
+    parser.add_argument(
+        "--teacher-seconds",
+        type=float,
+        help="wall-time cap on the teacher's training (default 1200; a run stopped by it is "
+        "not repeatable, and the log says so)",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
 
@@ -46,6 +54,10 @@ def main_from_arguments(arguments: argparse.Namespace) -> int:
         if arguments.teacher_seconds <= 0:
             raise ValueError(f"--teacher-seconds must be > 0, got {arguments.teacher_seconds}")
         changes["teacher_seconds"] = arguments.teacher_seconds
+    if arguments.teacher_steps is not None:
+        if arguments.teacher_steps < 1:
+            raise ValueError(f"--teacher-steps must be >= 1, got {arguments.teacher_steps}")
+        changes["teacher_max_steps"] = arguments.teacher_steps
     config = (DemoConfig.quick if arguments.quick else DemoConfig.full)(**changes)
     try:
         report = run_demo(config, arguments.out)

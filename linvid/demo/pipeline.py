@@ -49,9 +49,14 @@ class DemoConfig:
     train_frames: int = 16
     eval_frames: tuple[int, ...] = (16, 64, 256)  # 1x, 4x, 16x the training length
     eval_per_task: tuple[int, ...] = (48, 24, 12)  # held-out questions per task, per length
-    distill_per_task: int = 1000  # distillation conversations per task
-    teacher_seconds: float = 600.0
-    teacher_max_steps: int | None = None
+    distill_per_task: int = 1000  # distillation conversations per task, over distill_frames
+    # The students distill on the teacher's own training lengths (16, then 16 / 32 / 64
+    # frames: linvid.niah.teacher's phases), a third of the conversations at each.
+    distill_frames: tuple[int, ...] = (16, 32, 64)
+    # The teacher's schedule runs by steps (repeatable); the seconds only cap it on a slow
+    # machine. 2000 steps of 8 samples: what the README's run needed (296 s on 2 cores).
+    teacher_seconds: float = 1200.0
+    teacher_max_steps: int | None = 2000
     teacher_check_every: int = 500
     stage_steps: int | None = None  # None: the recipes' own steps
     stage_batch_size: int | None = None
@@ -72,6 +77,7 @@ class DemoConfig:
             eval_frames=(16, 32),
             eval_per_task=(2, 1),
             distill_per_task=2,
+            distill_frames=(16, 32),
             teacher_seconds=60.0,
             teacher_max_steps=8,
             teacher_check_every=1000,
@@ -93,6 +99,8 @@ class DemoConfig:
             raise ValueError(f"unknown students {unknown}; expected some of {list(STUDENTS)}")
         if self.train_frames not in self.eval_frames:
             raise ValueError(f"eval_frames {self.eval_frames} must include train_frames")
+        if not self.distill_frames or min(self.distill_frames) < 2:
+            raise ValueError(f"distill_frames must be frame counts >= 2, got {self.distill_frames}")
 
 
 class StepTimer:
@@ -131,7 +139,8 @@ def _settings_hash(**settings) -> str:
 
 
 def make_data(config: DemoConfig, out: Path, log=None) -> dict:
-    """Distillation conversations at the training length (seed config.seed + 1; the teacher
+    """Distillation conversations at the lengths of config.distill_frames, an equal share of
+    config.distill_per_task at each (seed config.seed + 1; the teacher
     trains on its own fresh samples and the evaluation uses held-out seeds), in
     RUN_DIR/data/train-KEY. Returns {"directory", "samples", "vnbench", "conversations",
     "videos"}, paths under `out` as spelled (done.json stores no path, so a run directory
@@ -140,7 +149,9 @@ def make_data(config: DemoConfig, out: Path, log=None) -> dict:
 
     log = log or _log
     seed = config.seed + 1
-    key = _settings_hash(per_task=config.distill_per_task, frames=config.train_frames, seed=seed)
+    frames = tuple(config.distill_frames)
+    per_length = max(1, config.distill_per_task // len(frames))
+    key = _settings_hash(per_task=per_length, frames=frames, seed=seed)
     directory = out / "data" / f"train-{key}"
     done = directory / "done.json"
     if done.is_file():
@@ -152,8 +163,8 @@ def make_data(config: DemoConfig, out: Path, log=None) -> dict:
         written = write_dataset(
             directory,
             tasks=TASKS,
-            frames=(config.train_frames,),
-            n=config.distill_per_task,
+            frames=frames,
+            n=per_length,
             seed=seed,
             overwrite=directory.exists(),
         )
@@ -217,6 +228,7 @@ def distill_student(
     directory, summary). KEY hashes the recipe and the keyed names of the teacher and data
     directories (which hash their own settings), not their paths."""
     from linvid.distill.trainer import RunOptions, distill
+    from linvid.niah.generate import FRAMES_PER_SECOND
 
     log = log or _log
     recipe = scaled_recipe(config, preset)
@@ -245,7 +257,7 @@ def distill_student(
         resume=resume,
         checkpoint_every=50,
         seed=config.seed,
-        num_frames=config.train_frames,
+        fps=FRAMES_PER_SECOND,  # every frame of each video, whatever its length
         min_pixels=size,
         max_pixels=size,
         feature_cache_dir=str(out / "vision_features"),

@@ -324,7 +324,9 @@ def train_teacher(
     """Train the demo teacher into `out_dir` (or reuse it: see `cached_teacher`) and return it.
 
     AdamW(lr, betas, weight_decay), `warmup_steps` linear warmup then cosine to
-    final_lr_fraction * lr over the budget (`seconds`, or `max_steps` if it comes first),
+    final_lr_fraction * lr over `max_steps` steps (repeatable: the same seed and settings
+    train the same teacher), `seconds` then only caps the wall time; without max_steps the
+    cosine runs over the `seconds` budget (depends on the machine's speed),
     gradient clipping at `grad_clip`, batches of `batch_size` fresh samples at `num_frames`
     frames of size x size, tasks drawn by `task_weights` (default DEFAULT_TASK_WEIGHTS).
     Every `check_every` steps `check_per_task` held-out samples per task are scored; training
@@ -448,10 +450,18 @@ def _train(model, tokenizer, metrics_path, seed, settings, goals, log, log_every
 
         while True:
             elapsed = time.perf_counter() - start
-            progress = elapsed / budget
-            if max_steps:
-                progress = max(progress, step / max_steps)
-            if progress >= 1 or passed:
+            # With max_steps the schedule runs by steps, so that two runs train the same
+            # teacher; the time budget only caps the run (and says so: the cap makes it
+            # depend on the machine's speed). Without max_steps the budget is the schedule.
+            progress = step / max_steps if max_steps else elapsed / budget
+            if passed or progress >= 1:
+                break
+            if elapsed >= budget:
+                if max_steps:
+                    log(
+                        f"time budget of {budget:g} s reached at step {step} of {max_steps}: "
+                        "stopped early (a run that stops on time is not repeatable)"
+                    )
                 break
             factor = learning_rate_factor(
                 step, progress, settings["warmup_steps"], settings["final_lr_fraction"]

@@ -282,3 +282,33 @@ def test_phase_two_trains_and_checks_the_longer_videos_too(tmp_path, tokenizer):
     summary = json.loads((out / "training.json").read_text())
     assert summary["phase_two_from_step"] == 2 and summary["steps"] == 4
     assert summary["goals_met"] and set(summary["last_check"]) == {"16", "20"}
+
+
+def test_a_step_schedule_trains_the_same_teacher_on_a_slow_machine(tmp_path, monkeypatch):
+    """Issue 15: with max_steps the learning-rate schedule runs by steps, so a run on a
+    machine that spends half its time budget before the first step (a clock that jumps from 0
+    to 5000 of the 10000 s, then runs 10 s per call) trains the very same weights as a fast
+    one; a schedule by time would have decayed the learning rate halfway already. The time
+    budget only caps the run."""
+    import itertools
+
+    from safetensors.torch import load_file
+
+    import linvid.niah.teacher as teacher_module
+
+    run = {**TINY_RUN, "max_steps": 4, "check_every": 100, "seconds": 10_000, "warmup_steps": 1}
+    train_teacher(tmp_path / "fast", data_worker=False, log=lambda line: None, **run)
+    ticks = itertools.chain([0.0], itertools.count(5000.0, 10.0))
+    monkeypatch.setattr(teacher_module.time, "perf_counter", lambda: next(ticks))
+    train_teacher(tmp_path / "slow", data_worker=False, log=lambda line: None, **run)
+    fast, slow = (load_file(tmp_path / name / "model.safetensors") for name in ("fast", "slow"))
+    assert fast.keys() == slow.keys()
+    assert all(torch.equal(fast[name], slow[name]) for name in fast)
+    # The cap still stops a run that is too slow, and says why.
+    lines = []
+    ticks = itertools.chain([0.0], itertools.count(5000.0, 10.0))
+    capped = {**run, "seconds": 5015}
+    train_teacher(tmp_path / "capped", data_worker=False, log=lines.append, **capped)
+    assert any("time budget of 5015 s reached at step" in line for line in lines)
+    summary = json.loads((tmp_path / "capped" / "training.json").read_text())
+    assert summary["steps"] < 4
