@@ -42,12 +42,26 @@ def file_hashes(*directories) -> dict[str, str]:
     return hashes
 
 
+def default_ctrl_c() -> None:
+    """Popen's preexec_fn for a child that is to be interrupted: SIGINT back to its default
+    disposition, so that Python in the child raises KeyboardInterrupt even when the test
+    runner was started with SIGINT ignored (as `cmd &` in a non-interactive shell does)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt_when(command, ready, logs: Path, cwd=None, timeout: float = 90.0):
     """Start `command` in its own session, wait until `ready()`, then send SIGINT to its
     process group (what a terminal's Ctrl-C does). Returns (exit code, stdout, stderr)."""
     stdout, stderr = logs / "stdout.txt", logs / "stderr.txt"
     with open(stdout, "w") as out, open(stderr, "w") as err:
-        process = subprocess.Popen(command, stdout=out, stderr=err, cwd=cwd, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=err,
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=default_ctrl_c,
+        )
         deadline = time.monotonic() + timeout
         try:
             while not ready():

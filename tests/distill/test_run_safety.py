@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runs import file_hashes, run_cli
+from cli_runs import default_ctrl_c, file_hashes, run_cli
 from distill_workspace import write_workspace
 from safetensors.torch import load_file, save_file
 
@@ -403,6 +403,7 @@ def test_ctrl_c_keeps_the_checkpoints_and_resume_finishes(workspace, reference, 
         env=environment,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_ctrl_c,
     )
     deadline = time.monotonic() + 120
     while not (out / "checkpoints" / "step-00000002").exists():

@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from cli_runs import REPO
+from cli_runs import REPO, default_ctrl_c
 from cli_runs import run_cli as cli
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
 
@@ -166,7 +166,13 @@ def test_ctrl_c_during_ask_prints_no_traceback(workspace):
         *("--model", str(workspace / "student"), "--num-frames", "200", "--chunk-frames", "2"),
         *SMALL,
     ]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=default_ctrl_c,
+    )
     error = bytearray()
 
     def read_errors():
