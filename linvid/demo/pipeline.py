@@ -64,6 +64,7 @@ class DemoConfig:
     speed_frames: tuple[int, ...] = (16, 64, 256, 1024, 4096)
     decode_tokens: int = 32
     depth_bins: int = 4
+    diagnosis_per_task: int = 4  # held-out questions per task and length for the diagnosis
     threads: int = 2
 
     @staticmethod
@@ -85,6 +86,7 @@ class DemoConfig:
             stage_batch_size=2,
             speed_frames=(16, 32),
             decode_tokens=4,
+            diagnosis_per_task=1,
         )
         return dataclasses.replace(quick, **changes)
 
@@ -99,6 +101,8 @@ class DemoConfig:
             raise ValueError(f"unknown students {unknown}; expected some of {list(STUDENTS)}")
         if self.train_frames not in self.eval_frames:
             raise ValueError(f"eval_frames {self.eval_frames} must include train_frames")
+        if self.diagnosis_per_task < 1:
+            raise ValueError(f"diagnosis_per_task must be >= 1, got {self.diagnosis_per_task}")
         if not self.distill_frames or min(self.distill_frames) < 2:
             raise ValueError(f"distill_frames must be frame counts >= 2, got {self.distill_frames}")
 
@@ -522,6 +526,17 @@ def run_demo(config: DemoConfig, out: str | os.PathLike, log=None) -> Path:
                 preset, directory, settings, config, out, log
             ),
         )
+    from linvid.demo.diagnose import cached_diagnosis
+
+    diagnosis = {}
+    for preset, (directory, summary) in students.items():
+        settings = InferenceSettings(**summary["inference"])
+        diagnosis[preset] = timer.run(
+            f"diagnose {preset}",
+            lambda preset=preset, directory=directory, settings=settings: cached_diagnosis(
+                preset, directory, teacher, settings, config, out, log
+            ),
+        )
     teacher_log = _teacher_summary(teacher)
     from linvid.niah.teacher import HELD_OUT_SEED_BASE
 
@@ -539,6 +554,7 @@ def run_demo(config: DemoConfig, out: str | os.PathLike, log=None) -> Path:
         teacher=teacher_log,
         students={preset: summary for preset, (_, summary) in students.items()},
         results=results,
+        diagnosis=diagnosis,
     )
 
 

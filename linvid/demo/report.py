@@ -17,6 +17,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from linvid.demo.diagnose import markdown as diagnosis_markdown
 from linvid.outputs import atomic_write, atomic_write_text
 
 # Retention goals at the training length (issue: >= 95% for the hybrids, >= 90% all-linear).
@@ -93,7 +94,7 @@ def speed_ratios(teacher_rows: list[dict], student_rows: list[dict]) -> list[dic
     return ratios
 
 
-def build_report(config, machine, steps, teacher, students, results) -> dict:
+def build_report(config, machine, steps, teacher, students, results, diagnosis=None) -> dict:
     train_frames = config["train_frames"]
     accuracy = {name: accuracy_table(result["records"]) for name, result in results.items()}
     report = {
@@ -119,6 +120,7 @@ def build_report(config, machine, steps, teacher, students, results) -> dict:
         "speed_ratios": {},
         "goals": [],
         "records": {name: result["records"] for name, result in results.items()},
+        "diagnosis": diagnosis or {},
     }
     for name in results:
         if name == "teacher":
@@ -189,7 +191,8 @@ def markdown(report: dict, images: list[str]) -> str:
     for goal in report["goals"]:
         mark = "met" if goal["met"] else "NOT met"
         lines.append(f"- {goal['goal']}: {_fmt(goal['value'], percent=False)} ({mark})")
-    lines += ["", "## Speed (same run, CPU)", ""]
+    lines += [""] + diagnosis_markdown(report.get("diagnosis") or {})
+    lines += ["## Speed (same run, CPU)", ""]
     lines.append(
         "| model | frames | LLM tokens | TTFT s | TTFT+vision s | decode tok/s | cache KiB |"
     )

@@ -42,21 +42,15 @@ def record_attention(teacher, layers):
             handle.remove()
 
 
-def hidden_alignment_loss(
-    student: LinvidQwen2_5_VLForConditionalGeneration,
-    teacher,
-    inputs: dict,
-    mask=None,
-    *,
-    reduction: str = "paper",
-) -> tuple[torch.Tensor, dict[int, float]]:
-    """Mean over the student's converted layers of hidden_mse(mixer(teacher input), teacher
-    attention output) (paper 003 eq. 6).
+def teacher_forced_outputs(
+    student: LinvidQwen2_5_VLForConditionalGeneration, teacher, inputs: dict
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Each converted layer's mixer run on the teacher's own input to that layer.
 
-    inputs: the batch's model inputs (input_ids, attention_mask, pixel_values_videos, ...);
-    mask: (B, L) tokens to score, default the attention mask; reduction: hidden_mse's ("paper":
-    summed over channels, as eq. 6; "mean": also divided by them). The teacher runs without
-    gradients. Returns (loss, {layer: its mse}) for logging."""
+    inputs: the batch's model inputs (input_ids, attention_mask, pixel_values_videos, ...),
+    the same tokens for both models. The teacher runs without gradients, the mixers with them
+    when grad is enabled. Returns {layer: (student mixer output (B, L, D), teacher attention
+    output (B, L, D), detached)} in the student's layer order."""
     layers = student.linear_layers
     if not layers:
         raise ValueError("the student has no converted layers to align")
@@ -72,15 +66,37 @@ def hidden_alignment_loss(
         image_grid_thw=inputs.get("image_grid_thw"),
         video_grid_thw=inputs.get("video_grid_thw"),
     )
-    if mask is None and inputs.get("attention_mask") is not None:
-        mask = inputs["attention_mask"].bool()
     decoder_layers = student.model.language_model.layers
-    per_layer = {}
-    total = 0.0
+    outputs = {}
     for index in layers:
         hidden_in, target = records[index]
         output, _ = decoder_layers[index].self_attn.mixer(hidden_in, context, None)
+        outputs[index] = (output, target)
+    return outputs
+
+
+def hidden_alignment_loss(
+    student: LinvidQwen2_5_VLForConditionalGeneration,
+    teacher,
+    inputs: dict,
+    mask=None,
+    *,
+    reduction: str = "paper",
+) -> tuple[torch.Tensor, dict[int, float]]:
+    """Mean over the student's converted layers of hidden_mse(mixer(teacher input), teacher
+    attention output) (paper 003 eq. 6).
+
+    inputs: the batch's model inputs (input_ids, attention_mask, pixel_values_videos, ...);
+    mask: (B, L) tokens to score, default the attention mask; reduction: hidden_mse's ("paper":
+    summed over channels, as eq. 6; "mean": also divided by them). The teacher runs without
+    gradients. Returns (loss, {layer: its mse}) for logging."""
+    outputs = teacher_forced_outputs(student, teacher, inputs)
+    if mask is None and inputs.get("attention_mask") is not None:
+        mask = inputs["attention_mask"].bool()
+    per_layer = {}
+    total = 0.0
+    for index, (output, target) in outputs.items():
         loss = hidden_mse(output, target, mask, reduction=reduction)
         per_layer[index] = float(loss.detach())
         total = total + loss
-    return total / len(layers), per_layer
+    return total / len(outputs), per_layer

@@ -136,6 +136,17 @@ class Mamba2Scan(nn.Module):
         self.A_log = nn.Parameter(torch.empty(num_heads).uniform_(*A_INIT_RANGE).log())
         self.D = nn.Parameter(torch.ones(num_heads))
 
+    def step_sizes(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """dt = softplus(W_dt h + dt_bias) (Dao & Gu 2024 §7): hidden_states (..., hidden) ->
+        (..., H) float32."""
+        return F.softplus(self.dt_proj(hidden_states).float() + self.dt_bias.float())
+
+    def log_decays(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """log a_t = dt_t * A, the per-token, per-head log decay of the state (<= 0):
+        hidden_states (B, L, hidden) -> (B, L, H) float32 (a token that does not write, as
+        forward's write_mask, decays nothing: its entry is what the caller sets to 0)."""
+        return self.step_sizes(hidden_states) * -torch.exp(self.A_log.float())
+
     @torch.no_grad()
     def reset_conv_to_identity(self) -> None:
         """Make the conv pass each token's own input through: weight 1 on the newest tap, 0 on
@@ -198,7 +209,7 @@ class Mamba2Scan(nn.Module):
         x = x.unflatten(-1, (self.num_groups, self.head_dim)).repeat_interleave(repeats, dim=2)
         B = B.unflatten(-1, (self.num_groups, self.state_size)).repeat_interleave(repeats, dim=2)
         C = C.unflatten(-1, (self.num_heads, self.state_size))
-        dt = F.softplus(self.dt_proj(hidden_states).float() + self.dt_bias.float())
+        dt = self.step_sizes(hidden_states)
         if write_mask is not None:
             x = torch.where(write_mask[..., None, None], x, 0.0)
             dt = torch.where(write_mask[..., None], dt, 0.0)
@@ -227,7 +238,7 @@ class Mamba2Scan(nn.Module):
         for tap in range(1, self.conv_kernel):
             convolved = torch.addcmul(convolved, window[..., tap], taps[:, tap])
         x, B, C = F.silu(convolved).split(self.split_sizes, dim=-1)
-        dt = F.softplus(self.dt_proj(hidden_states[:, 0]).float() + self.dt_bias.float())
+        dt = self.step_sizes(hidden_states[:, 0])
         y, ssm_state = ssd_step_grouped(
             x.view(batch, self.num_groups, self.head_dim),
             dt,

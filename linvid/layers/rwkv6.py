@@ -221,25 +221,9 @@ class RWKV6TimeMix(nn.Module):
         shift, wkv_state = self._read_state(state, batch)
         if length == 1 and real is None and state is not None:
             return self._step(hidden_states, shift, wkv_state)
-        dtype = hidden_states.dtype
-        inputs = hidden_states
-        if real is not None:  # `where`, not a product: nothing in a padding token can leak
-            inputs = torch.where(real[..., None], hidden_states, 0.0)
-        if shift is None:
-            shift = inputs.new_zeros(batch, self.hidden_size)
-        previous, last_input = token_shift(inputs, shift.to(dtype), real)
-
-        delta = previous - inputs
-        mixes = len(SHIFT_MIX_ORDER)
-        low_rank = torch.tanh((inputs + delta * self.shift_mix_x) @ self.shift_mix_down)
-        offsets = torch.einsum(
-            "blmr,mrd->blmd", low_rank.view(batch, length, mixes, -1), self.shift_mix_up
-        )
-        mixed = inputs[:, :, None] + delta[:, :, None] * (self.shift_mix + offsets)
+        mixed, last_input = self._shift_mixes(hidden_states, shift, real)
         decay_input, key_input, value_input, receptance_input, gate_input = mixed.unbind(2)
-
-        decay_logits = self.decay_base + torch.tanh(decay_input @ self.decay_down) @ self.decay_up
-        log_decay = -torch.exp(decay_logits.float())
+        log_decay = self._log_decay(decay_input)
         receptance = self.receptance(receptance_input)
         key = self.key(key_input)
         value = self.value(value_input)
@@ -272,6 +256,47 @@ class RWKV6TimeMix(nn.Module):
         output = self.output(normed.view(batch, length, attention_size) * gate)
         return output, {"shift": last_input.float(), "wkv": wkv_state}
 
+    def log_decays(
+        self,
+        hidden_states: torch.Tensor,
+        context: MixerContext | None = None,
+        state: MixerState | None = None,
+    ) -> torch.Tensor:
+        """w_t, the per-token, per-channel log decay forward applies to the WKV state (module
+        docstring; <= 0): hidden_states (B, L, hidden) as forward's -> (B, L, H, K) float32,
+        0 at padding tokens (they decay nothing)."""
+        batch, length = check_hidden_states(hidden_states, self.hidden_size)
+        real = context_mask(context, "padding_mask", batch, length)
+        shift, _ = self._read_state(state, batch)
+        mixed, _ = self._shift_mixes(hidden_states, shift, real)
+        log_decay = self._log_decay(mixed[:, :, 0])
+        if real is not None:
+            log_decay = torch.where(real[..., None], log_decay, 0.0)
+        return log_decay.view(batch, length, self.num_heads, self.head_dim)
+
+    def _shift_mixes(self, hidden_states, shift, real):
+        """The five token-shift mixes x*_t (module docstring): (B, L, 5, hidden) in
+        SHIFT_MIX_ORDER, and the last real input (B, hidden), the next call's shift."""
+        batch, length, _ = hidden_states.shape
+        inputs = hidden_states
+        if real is not None:  # `where`, not a product: nothing in a padding token can leak
+            inputs = torch.where(real[..., None], hidden_states, 0.0)
+        if shift is None:
+            shift = inputs.new_zeros(batch, self.hidden_size)
+        previous, last_input = token_shift(inputs, shift.to(hidden_states.dtype), real)
+        delta = previous - inputs
+        mixes = len(SHIFT_MIX_ORDER)
+        low_rank = torch.tanh((inputs + delta * self.shift_mix_x) @ self.shift_mix_down)
+        offsets = torch.einsum(
+            "blmr,mrd->blmd", low_rank.view(batch, length, mixes, -1), self.shift_mix_up
+        )
+        return inputs[:, :, None] + delta[:, :, None] * (self.shift_mix + offsets), last_input
+
+    def _log_decay(self, decay_input):
+        """w = -exp(w0 + tanh(x_decay @ D1) @ D2) in float32, the shape of decay_input."""
+        decay_logits = self.decay_base + torch.tanh(decay_input @ self.decay_down) @ self.decay_up
+        return -torch.exp(decay_logits.float())
+
     def _step(self, hidden_states, shift, wkv_state):
         """forward for one token with a state and no padding mask (decoding): the same sums
         on (B, hidden) rows, the five mixes as one batched matmul and the WKV step without
@@ -286,8 +311,7 @@ class RWKV6TimeMix(nn.Module):
         mixed = inputs + delta * (self.shift_mix[:, None] + offsets)  # (mixes, B, hidden)
         decay_input, key_input, value_input, receptance_input, gate_input = mixed.unbind(0)
 
-        decay_logits = self.decay_base + torch.tanh(decay_input @ self.decay_down) @ self.decay_up
-        log_decay = -torch.exp(decay_logits.float())
+        log_decay = self._log_decay(decay_input)
         heads = (batch, self.num_heads, self.head_dim)
         mixed_heads, wkv_state = wkv6_step_trusted(
             self.receptance(receptance_input).float().view(heads),

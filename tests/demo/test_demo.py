@@ -29,6 +29,27 @@ def test_report_files(report):
     assert data["machine"]["torch"] and data["config"]["name"] == "quick"
 
 
+def test_the_diagnosis_measures_every_student_at_every_length(report):
+    out, data = report
+    lengths = {str(frames) for frames in data["config"]["eval_frames"]}
+    assert set(data["diagnosis"]) == set(RETENTION_GOALS)
+    for name, result in data["diagnosis"].items():
+        assert set(result["memory"]) == lengths, name
+        for rows in result["memory"].values():
+            assert rows and all(0.0 <= row["remembering"] <= 1.0 for row in rows)
+            assert all(row["median_half_life"] > 0 and row["span"] > 0 for row in rows)
+        if name in ("qwen-rwkv-vl-25", "linmu"):  # they read the teacher's tokens
+            for rows in result["layer_errors"].values():
+                assert [row["layer"] for row in rows] and all(
+                    row["relative_error"] >= 0 for row in rows
+                )
+        else:  # frame merging: the teacher never sees their tokens
+            assert result["layer_errors"] is None
+        assert data["steps_seconds"][f"diagnose {name}"] > 0
+    text = (out / "report.md").read_text()
+    assert "## Diagnosis" in text and text.count("| linmu | ") >= len(lengths)
+
+
 def test_accuracy_and_retention_agree_with_the_records(report):
     _, data = report
     config = data["config"]
