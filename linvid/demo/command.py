@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--teacher-steps",
         type=int,
-        help="the teacher's training steps (default 2000): its schedule, so runs repeat",
+        help="the length of the teacher's lr schedule in steps (default 8000; it stops at "
+        "the first check that meets every goal): a schedule by steps, so runs repeat",
     )
     parser.add_argument(
         "--teacher-seconds",

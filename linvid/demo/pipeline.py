@@ -54,9 +54,13 @@ class DemoConfig:
     # frames: linvid.niah.teacher's phases), a third of the conversations at each.
     distill_frames: tuple[int, ...] = (16, 32, 64)
     # The teacher's schedule runs by steps (repeatable); the seconds only cap it on a slow
-    # machine. 2000 steps of 8 samples: what the README's run needed (296 s on 2 cores).
+    # machine, and it stops at the first check every goal passes. The cosine spans 8000 steps
+    # of 8 samples: the README's earlier run met every check at step 2000 with its lr a
+    # quarter into a time-based cosine (296 s of 1200), i.e. this schedule; a cosine over 2000
+    # steps (issue 15's first try) decays 4x sooner and failed ordering at 32 / 64 frames
+    # (0.60 / 0.28 at step 2000).
     teacher_seconds: float = 1200.0
-    teacher_max_steps: int | None = 2000
+    teacher_max_steps: int | None = 8000
     teacher_check_every: int = 500
     stage_steps: int | None = None  # None: the recipes' own steps
     stage_batch_size: int | None = None
